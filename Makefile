@@ -1,0 +1,66 @@
+# cellmtl — the two commands: `make figures` and `make test`.
+# Both first make sure .venv exists and matches pyproject.toml: pip runs only when the file changed
+# (its sha256 is kept in .venv/.pyproject.sha256).
+SHELL  := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pyproject.sha256
+PROFILE ?= smoke
+
+# Offline copies of the real datasets (see ../shared/data/SOURCES.md). Without them the loaders
+# download from the pinned URLs instead.
+ifneq ($(wildcard ../shared/data/SHA256SUMS),)
+export CELLMTL_DATA_DIR ?= $(abspath ../shared/data)
+endif
+# Keep BLAS from oversubscribing the small CI machine when nbdev-test runs notebooks in parallel.
+export OMP_NUM_THREADS ?= 1
+export MPLBACKEND ?= Agg
+export PYTHONHASHSEED ?= 0
+
+.PHONY: help venv figures test sync-check nbtest pytest readme export clean clean-build
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make figures   set up .venv if needed, then regenerate every paper figure (profile: $(PROFILE))"
+	@echo "make test      set up .venv if needed, then the notebook lessons (nbdev-test) and pytest"
+	@echo "make export    notebooks -> cellmtl/ package, clean notebooks, README.md from nbs/index.ipynb"
+
+venv:
+	@want=$$($(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest())"); \
+	have=$$(cat $(STAMP) 2>/dev/null); \
+	if [ "$$want" != "$$have" ]; then \
+	  echo "== pyproject.toml changed (or no .venv yet): pip install -e '.[dev]' into $(VENV)"; \
+	  if [ ! -x $(BIN)/python ]; then $(PYTHON) -m venv $(VENV) || exit 1; fi; \
+	  $(BIN)/python -m pip install --quiet --upgrade pip && \
+	  $(BIN)/python -m pip install -e ".[dev]" && echo "$$want" > $(STAMP) || exit 1; \
+	else echo "== $(VENV) is up to date with pyproject.toml"; fi
+
+figures: venv
+	$(BIN)/cellmtl figures --profile $(PROFILE)
+
+test: venv sync-check nbtest pytest
+	@echo "== make test: all passed"
+
+# CI fails when nbdev-export, nbdev-clean or the README render would change a tracked file.
+sync-check:
+	@before=$$(git status --porcelain --untracked-files=no; git diff | sha256sum); \
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(BIN)/cellmtl readme --quiet || exit 1; \
+	after=$$(git status --porcelain --untracked-files=no; git diff | sha256sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "ERROR: nbdev-export / nbdev-clean / README render changed tracked files:"; \
+	  git status --porcelain --untracked-files=no; \
+	  echo "The notebooks are the source: run 'make export' and commit the result."; exit 1; \
+	else echo "== notebooks, package and README are in sync"; fi
+
+nbtest:
+	$(BIN)/nbdev-test --timing
+
+pytest:
+	$(BIN)/python -m pytest -q
+
+export: venv
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(BIN)/cellmtl readme
+
+clean-build:
+	rm -rf build/figures

@@ -1,0 +1,83 @@
+"""The figure pipeline end to end: every figure notebook once with the `test` profile, and failure handling."""
+import json
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+
+from conftest import ROOT, run_cli
+
+FIGURE_NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs" / "figures").glob("*.ipynb"))
+
+
+def test_every_figure_notebook_runs_with_the_test_profile(tmp_path, data_dir):
+    out, build = tmp_path / "figures", tmp_path / "build"
+    res = run_cli("figures", "--profile", "test", "--out", out, "--build", build)
+    assert res.returncode == 0, res.stdout + res.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert sorted({Path(e["notebook"]).stem for e in index}) == FIGURE_NOTEBOOKS
+    for e in index:
+        png, pdf = out / f"{e['name']}.png", out / f"{e['name']}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+        assert e["caption"] and e["profile"] == "test" and e["seed"] == 0 and e["seconds"] > 0
+        assert b"CreationDate" not in pdf.read_bytes()  # metadata stripped: same numbers, same bytes
+    readme = (out / "README.md").read_text()
+    for e in index: assert f"![{e['name']}]({e['name']}.png)" in readme and e["caption"] in readme
+    for stem in FIGURE_NOTEBOOKS: assert (build / f"{stem}.ipynb").exists()  # executed copies kept in build/
+
+
+def _toy_notebook(path: Path, *cells: str):
+    params = new_code_cell("out_dir = 'figures'\nseed = 0\nprofile = 'smoke'", metadata={"tags": ["parameters"]})
+    nb = new_notebook(cells=[params, *map(new_code_cell, cells)],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}})
+    nbformat.write(nb, path)
+
+
+def _toy_project(tmp_path: Path, fail: bool) -> Path:
+    nbs = tmp_path / "nbs"; (nbs / "profiles").mkdir(parents=True, exist_ok=True)
+    (nbs / "profiles" / "smoke.yaml").write_text("all: {seed: 7}\n")
+    _toy_notebook(nbs / "a_line.ipynb", "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt",
+                  "from cellmtl.pipeline import save_figure\nfig, ax = plt.subplots(); ax.plot([0, seed])\n"
+                  "save_figure(fig, 'line', out_dir, caption='A toy line.')")
+    body = "raise RuntimeError('the model diverged')" if fail else "fig, ax = plt.subplots(); ax.bar([0], [seed])\n" \
+           "save_figure(fig, 'bar', out_dir, caption='A toy bar.')"
+    _toy_notebook(nbs / "b_bar.ipynb", "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt\n"
+                  "from cellmtl.pipeline import save_figure", body)
+    return nbs
+
+
+def test_failure_keeps_previous_figures_and_names_notebook_cell_and_copy(tmp_path):
+    out, build = tmp_path / "figs", tmp_path / "build"
+    nbs = _toy_project(tmp_path, fail=False)
+    ok = run_cli("figures", "--notebooks", nbs, "--out", out, "--build", build)
+    assert ok.returncode == 0, ok.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"line.png", "line.pdf", "bar.png", "bar.pdf", "README.md", "index.json"} <= set(before)
+
+    _toy_project(tmp_path, fail=True)
+    bad = run_cli("figures", "--notebooks", nbs, "--out", out, "--build", build)
+    assert bad.returncode == 1
+    msg = bad.stderr
+    assert "b_bar.ipynb failed in cell In [4]" in msg and "raise RuntimeError('the model diverged')" in msg, msg
+    assert "RuntimeError: the model diverged" in msg and str(build / "b_bar.ipynb") in msg, msg
+    assert (out / "bar.png").read_bytes() == before["bar.png"]  # the failed step left its old figure alone
+    assert "[2/2] FAILED" in bad.stdout and "[1/2] a_line: 1 figure(s)" in bad.stdout
+
+
+def test_only_runs_one_notebook_and_keeps_the_other_index_entries(tmp_path):
+    out, build = tmp_path / "figs", tmp_path / "build"
+    nbs = _toy_project(tmp_path, fail=False)
+    assert run_cli("figures", "--notebooks", nbs, "--out", out, "--build", build).returncode == 0
+    res = run_cli("figures", "--notebooks", nbs, "--out", out, "--build", build, "--only", "a_")
+    assert res.returncode == 0 and "[1/1] a_line" in res.stdout
+    names = [e["name"] for e in json.loads((out / "index.json").read_text())]
+    assert names == ["line", "bar"]  # sorted by notebook; bar kept from the earlier run
+    assert "seed 7" in (out / "README.md").read_text()
+
+
+def test_bad_profile_and_bad_only_are_clear_errors(tmp_path):
+    nbs = _toy_project(tmp_path, fail=False)
+    res = run_cli("figures", "--notebooks", nbs, "--profile", "paper", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "Profile 'paper' not found" in res.stderr and "known profiles: ['smoke']" in res.stderr
+    res = run_cli("figures", "--notebooks", nbs, "--only", "zzz", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "--only 'zzz' matches no notebook" in res.stderr
