@@ -14,7 +14,7 @@ def test_version_and_help():
 def test_datasets_list_names_every_dataset():
     res = run_cli("datasets", "list")
     assert res.returncode == 0, res.stderr
-    for name in ("cellbench", "citeseq", "cellprofiler"): assert name in res.stdout
+    for name in ("cellbench", "citeseq_pbmc", "cellprofiler_example_human", "pbmc68k_reduced"): assert name in res.stdout
 
 
 def test_datasets_verify_ok_on_the_local_copy(data_dir):
