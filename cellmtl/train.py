@@ -717,8 +717,8 @@ def fit(model:nn.Module, # trained in place: moved to the device, best weights r
         network = wrap_model(model, context, device, config.find_unused_parameters)
         if context.enabled and getattr(train_loader, "world_size", None) == 1:
             raise ValueError(f"train_loader was built for world_size=1 but this is rank {context.rank} of {context.world_size}: "
-                             "every rank would train on all the data. Build the loader after setup_distributed(get_device()) "
-                             "(or pass it rank= and world_size=) so that each rank takes its own shard")
+                             "every rank would train on all the data. Leave its rank/world_size as None (CSRBatchLoader then reads them from torch.distributed), "
+                             "build it after setup_distributed(get_device()), or pass rank= and world_size=")
         optimizer = make_optimizer(model, config)
         schedule = None if config.lr_schedule is None else PlateauSchedule(
             optimizer, config.mode, config.lr_factor, config.lr_patience, config.min_lr, config.warmup_epochs)
