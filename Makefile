@@ -13,18 +13,17 @@ PROFILE ?= smoke
 ifneq ($(wildcard ../shared/data/SHA256SUMS),)
 export CELLMTL_DATA_DIR ?= $(abspath ../shared/data)
 endif
-# Keep BLAS from oversubscribing the small CI machine when nbdev-test runs notebooks in parallel.
-export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help venv figures test sync-check nbtest pytest readme export clean clean-build
+.PHONY: help venv figures test test-all sync-check nbtest pytest export clean-build
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make figures   set up .venv if needed, then regenerate every paper figure (profile: $(PROFILE))"
 	@echo "make test      set up .venv if needed, then the notebook lessons (nbdev-test) and pytest"
 	@echo "make export    notebooks -> cellmtl/ package, clean notebooks, README.md from nbs/index.ipynb"
+	@echo "make test-all  make test plus the lessons flagged #| slow (a few minutes more)"
 
 venv:
 	@want=$$($(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest())"); \
@@ -39,6 +38,8 @@ venv:
 figures: venv
 	$(BIN)/cellmtl figures --profile $(PROFILE)
 
+# nbdev-test runs notebooks in parallel (one per core): one BLAS/torch thread each, no oversubscription.
+test test-all: export OMP_NUM_THREADS ?= 1
 test: venv sync-check nbtest pytest
 	@echo "== make test: all passed"
 
@@ -55,6 +56,9 @@ sync-check:
 
 nbtest:
 	$(BIN)/nbdev-test --timing
+
+test-all: venv sync-check pytest
+	$(BIN)/nbdev-test --timing --flags slow
 
 pytest:
 	$(BIN)/python -m pytest -q
