@@ -81,3 +81,14 @@ def test_bad_profile_and_bad_only_are_clear_errors(tmp_path):
     assert res.returncode == 2 and "Profile 'paper' not found" in res.stderr and "known profiles: ['smoke']" in res.stderr
     res = run_cli("figures", "--notebooks", nbs, "--only", "zzz", "--out", tmp_path / "o")
     assert res.returncode == 2 and "--only 'zzz' matches no notebook" in res.stderr
+
+
+def test_each_figure_notebook_has_one_typed_commented_parameters_cell():
+    import re
+    for stem in FIGURE_NOTEBOOKS:
+        nb = nbformat.read(ROOT / "nbs" / "figures" / f"{stem}.ipynb", as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{stem}: {len(tagged)} cells tagged 'parameters' (nbdev-clean must keep the tag)"
+        lines = [l for l in tagged[0].source.splitlines() if l.strip()]
+        assert {"out_dir", "seed", "profile"} <= {l.split(":")[0].strip() for l in lines}, stem
+        for l in lines: assert re.match(r"^\w+: [\w\[\], |]+ = .+  # .+", l), f"{stem}: untyped or uncommented parameter: {l!r}"
