@@ -21,6 +21,8 @@ import pandas as pd
 import pooch
 import scipy.sparse as sp
 
+from .data import check_counts
+
 # %% auto #0
 __all__ = ['SOURCES', 'REGISTRY', 'DATA_DIR_ENV', 'CACHE_DIR_ENV', 'PBMC68K_LEVELS', 'CELLBENCH_PLATES', 'CITESEQ_BATCHES',
            'DatasetSource', 'RegistryFile', 'list_datasets', 'DatasetNotFoundError', 'DatasetChecksumError',
@@ -359,10 +361,7 @@ _TECHNOLOGY = {"sc_celseq2": "CEL-seq2", "sc_dropseq": "Drop-seq", "sc_celseq2_5
 
 def _counts_to_csr(values:np.ndarray, what:str) -> sp.csr_matrix:
     "Check a dense genes x cells count block and return it as cells x genes CSR int32."
-    if values.dtype.kind not in "iu":
-        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-            raise ValueError(f"{what} contains non-integer counts; cellbench() expects raw counts.")
-    if values.size and values.min() < 0: raise ValueError(f"{what} contains negative counts.")
+    check_counts(values, what)  # the data layer's one count check: finite, non-negative integers
     if values.size and values.max() > np.iinfo(np.int32).max: raise ValueError(f"{what} has counts beyond int32.")
     return sp.csr_matrix(values.T.astype(np.int32))
 
@@ -462,12 +461,10 @@ def citeseq_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELL
     runs = {}
     for batch, rel in CITESEQ_BATCHES.items():
         a = ad.read_h5ad(fetch(rel, data_dir))
-        X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)  # (200, G): tiny, stored dense upstream
+        X = sp.csr_matrix(a.X)  # (200, G); stored dense upstream, CSR from here on
         proteins = np.asarray(a.obsm["protein_expression"])
-        for what, values in (("RNA counts", X), ("protein counts", proteins)):
-            if values.min() < 0 or not np.array_equal(values, np.round(values)):
-                raise ValueError(f"{rel}: {what} are not non-negative integers; the file is not raw counts.")
-        runs[batch] = (sp.csr_matrix(X.astype(np.int32)), a.var_names.astype(str), a.obs_names.astype(str),
+        check_counts(X, f"{rel}: RNA counts"); check_counts(proteins, f"{rel}: protein counts")
+        runs[batch] = (X.astype(np.int32), a.var_names.astype(str), a.obs_names.astype(str),
                        proteins.astype(np.int32), pd.Index(np.asarray(a.uns["protein_names"]).astype(str)))
     genes = _join([r[1] for r in runs.values()], gene_join)
     proteins = _join([r[4] for r in runs.values()], protein_join)
