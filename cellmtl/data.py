@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['UnlabeledPolicy', 'Transform', 'binarize', 'normalize_log1p', 'check_counts', 'looks_log_transformed',
-           'GeneAlignment', 'align_genes', 'LabelHierarchy', 'stratified_split', 'csr_rows_to_dense', 'CSRBatchLoader',
-           'read_backed']
+           'GeneAlignment', 'align_genes', 'LabelHierarchy', 'stratified_split', 'csr_rows', 'csr_rows_to_dense',
+           'to_torch_csr', 'CSRBatchLoader', 'read_backed']
 
 # %% ../nbs/00_data.ipynb #79ccceff
 import math
@@ -479,15 +479,15 @@ def stratified_split(
     return np.sort(order[~is_val]).astype(np.int64), np.sort(order[is_val]).astype(np.int64)
 
 # %% ../nbs/00_data.ipynb #d9e61cb0
-def csr_rows_to_dense(
+def csr_rows(
     X:sp.csr_matrix, # (n_cells, G) CSR matrix (scipy csr_matrix or csr_array)
     rows, # (B,) row indices, any order, repeats allowed
-    binarize:bool=False, # write 1.0 for positive values (cheaper here, on B x nnz-per-row values, than on the dense batch)
-) -> np.ndarray:
-    "Dense float32 (B, G) array of rows `rows` of `X`; nothing else is densified."
+    binarize:bool=False, # store 1.0 for positive values
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "The CSR arrays (indptr (B+1,), indices (nnz_B,), float32 data (nnz_B,)) of rows `rows` of `X`."
     indptr, indices, data = X.indptr, X.indices, X.data
     rows = np.ascontiguousarray(rows, dtype=indptr.dtype)  # (B,)
-    n_rows, n_genes = X.shape
+    n_rows = X.shape[0]
     if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
         raise IndexError(f"row indices must lie in [0, {n_rows}), got min {rows.min()}, max {rows.max()}.")
     if _HAS_CSR_KERNELS and indices.dtype == indptr.dtype:
@@ -500,12 +500,35 @@ def csr_rows_to_dense(
         batch = X[rows]
         batch_indptr, batch_indices, batch_data = batch.indptr, batch.indices, batch.data
     batch_data = (batch_data > 0).astype(np.float32) if binarize else batch_data.astype(np.float32, copy=False)
-    out = np.zeros((rows.size, n_genes), np.float32)  # (B, G)
+    return batch_indptr, batch_indices, batch_data
+
+def csr_rows_to_dense(
+    X:sp.csr_matrix, # (n_cells, G) CSR matrix (scipy csr_matrix or csr_array)
+    rows, # (B,) row indices, any order, repeats allowed
+    binarize:bool=False, # write 1.0 for positive values (cheaper here, on B x nnz-per-row values, than on the dense batch)
+) -> np.ndarray:
+    "Dense float32 (B, G) array of rows `rows` of `X`; nothing else is densified."
+    batch_indptr, batch_indices, batch_data = csr_rows(X, rows, binarize)
+    n_batch, n_genes = len(batch_indptr) - 1, X.shape[1]
+    out = np.zeros((n_batch, n_genes), np.float32)  # (B, G)
     if _HAS_CSR_KERNELS and batch_indices.dtype == batch_indptr.dtype:
-        _sparsetools.csr_todense(rows.size, n_genes, batch_indptr, batch_indices, batch_data, out)  # adds into out
+        _sparsetools.csr_todense(n_batch, n_genes, batch_indptr, batch_indices, batch_data, out)  # adds into out
     else:
         out += sp.csr_matrix((batch_data, batch_indices, batch_indptr), shape=out.shape).toarray()
     return out
+
+def to_torch_csr(
+    indptr:np.ndarray, # (B + 1,) row pointers
+    indices:np.ndarray, # (nnz,) column indices
+    data:np.ndarray, # (nnz,) values
+    n_columns:int, # G
+) -> torch.Tensor:
+    "A torch sparse CSR tensor (B, G) over the three arrays (int64 indices, as torch's sparse kernels want)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(np.asarray(indptr, np.int64)), torch.from_numpy(np.asarray(indices, np.int64)),
+                                       torch.from_numpy(np.asarray(data, np.float32)), size=(len(indptr) - 1, n_columns),
+                                       check_invariants=False)
 
 # %% ../nbs/00_data.ipynb #bc635af8
 Transform = Literal["binarize", "log1p"] | Callable | None
@@ -565,6 +588,7 @@ class CSRBatchLoader:
         rank:int|None=None, # this process's rank; default torch.distributed's when initialised, else 0
         world_size:int|None=None, # number of processes; default torch.distributed's when initialised, else 1
         layer:str|None=None, # read adata.layers[layer] instead of adata.X (AnnData input only)
+        sparse:bool=False, # yield x as a torch sparse CSR tensor (B, G) instead of a dense one (transform None or "binarize")
     ):
         self._matrix, self._kind = _row_source(X, layer)
         self._n_rows, self._n_genes = (int(size) for size in self._matrix.shape)
@@ -575,7 +599,11 @@ class CSRBatchLoader:
         if not (isinstance(seed, (int, np.integer)) and seed >= 0): raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
         if not (transform is None or callable(transform) or transform in ("binarize", "log1p")):
             raise ValueError(f"transform must be None, 'binarize', 'log1p' or a callable(tensor) -> tensor, got {transform!r}.")
+        if sparse and transform not in (None, "binarize"):
+            raise ValueError(f"sparse=True yields the stored values as they are (or binarised); transform={transform!r} works on dense "
+                             "batches only: use sparse=False, or apply it inside the model.")
         self.batch_size, self.shuffle, self.seed, self.transform, self.drop_last = int(batch_size), bool(shuffle), int(seed), transform, bool(drop_last)
+        self.sparse = bool(sparse)
         _distributed_defaults(rank, world_size)  # validate now; resolve when used (see the rank property)
         self._rank_arg, self._world_size_arg = rank, world_size
         self.labels = {name: self._check_labels(name, codes) for name, codes in (labels or {}).items()}
@@ -667,9 +695,20 @@ class CSRBatchLoader:
             batch = np.asarray(block)[position]
         return (batch > 0).astype(np.float32) if binarize_now else batch.astype(np.float32, copy=False)
 
+    def _read_rows_sparse(self, rows:np.ndarray) -> torch.Tensor:
+        "(B, G) float32 torch sparse CSR tensor of `rows` (binarised when transform='binarize')."
+        binarize_now = self.transform == "binarize"
+        if self._kind == "csr": arrays = csr_rows(self._matrix, rows, binarize=binarize_now)
+        else:
+            unique_rows, position = np.unique(rows, return_inverse=True)
+            block = self._matrix[unique_rows]  # one read (backed) or a copy of B rows (dense)
+            arrays = csr_rows(sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block)), position, binarize=binarize_now)
+        return to_torch_csr(*arrays, self._n_genes)
+
     def _batch(self, rows:np.ndarray) -> dict:
-        "One batch dict: x (B, G) float32, labels {name: (B,) int64}, index (B,) int64."
-        x = torch.from_numpy(self._read_rows(rows))  # (B, G), shares memory with the numpy batch
+        "One batch dict: x (B, G) float32 (dense, or sparse CSR when sparse=True), labels {name: (B,) int64}, index (B,) int64."
+        if self.sparse: x = self._read_rows_sparse(rows)
+        else: x = torch.from_numpy(self._read_rows(rows))  # (B, G), shares memory with the numpy batch
         if self.transform == "log1p": x = normalize_log1p(x)
         elif callable(self.transform):
             x = self.transform(x)
@@ -689,7 +728,7 @@ class CSRBatchLoader:
         transform = getattr(self.transform, "__name__", repr(self.transform)) if callable(self.transform) else repr(self.transform)
         return (f"CSRBatchLoader({self._n_rows:,} x {self._n_genes:,} {source}; {self.n_cells:,} cells, batch_size={self.batch_size}, "
                 f"{len(self)} batches/epoch on rank {self.rank}/{self.world_size}; shuffle={self.shuffle}, seed={self.seed}, "
-                f"epoch={self.epoch}, transform={transform}, drop_last={self.drop_last}, labels={list(self.labels)})")
+                f"epoch={self.epoch}, transform={transform}, drop_last={self.drop_last}, sparse={self.sparse}, labels={list(self.labels)})")
 
 # %% ../nbs/00_data.ipynb #5a5e5f9f
 def read_backed(

@@ -383,10 +383,9 @@ def load_checkpoint(path:str|Path, # a file written by `save_checkpoint` or `fit
     try: state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         reason = f"{type(e).__name__}: {str(e).split('. ')[0]}"[:200]
-        if "Weights only load failed" in str(e):
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f" such as {found.group(1)}" if found else ""
-            raise CheckpointError(f"{path} is not a cellmtl checkpoint: it contains Python objects{what} that cannot be "
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if "Weights only load failed" in str(e) and found:
+            raise CheckpointError(f"{path} is not a cellmtl checkpoint: it contains Python objects such as {found.group(1)} that cannot be "
                                   "loaded safely (torch.load weights_only); cellmtl checkpoints are written by "
                                   "save_checkpoint/fit") from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); delete it or resume from "
