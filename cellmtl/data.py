@@ -523,10 +523,11 @@ def to_torch_csr(
     data:np.ndarray, # (nnz,) values
     n_columns:int, # G
 ) -> torch.Tensor:
-    "A torch sparse CSR tensor (B, G) over the three arrays (int64 indices, as torch's sparse kernels want)."
+    "A torch sparse CSR tensor (B, G) over the three arrays (int32 indices kept when both index arrays are int32, else int64)."
+    index_dtype = np.int32 if indptr.dtype == indices.dtype == np.int32 else np.int64  # no copy of int32 indices
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(torch.from_numpy(np.asarray(indptr, np.int64)), torch.from_numpy(np.asarray(indices, np.int64)),
+        return torch.sparse_csr_tensor(torch.from_numpy(np.asarray(indptr, index_dtype)), torch.from_numpy(np.asarray(indices, index_dtype)),
                                        torch.from_numpy(np.asarray(data, np.float32)), size=(len(indptr) - 1, n_columns),
                                        check_invariants=False)
 
