@@ -247,19 +247,29 @@ class History:
         self.monitor, self.mode, self.records = state["monitor"], state["mode"], [dict(r) for r in state["records"]]
         self.best_epoch, self.best_value, self.stopped_early = state["best_epoch"], state["best_value"], state["stopped_early"]
 
-    def plot(self, figsize:tuple=(10, 3.5), # figure size in inches
+    def plot(self, figsize:tuple|None=None, # figure size in inches (default: 5 inches per panel by 3.5)
             ):
-        "Loss curves (every column containing 'loss') with the best epoch marked, and the learning rate; a matplotlib Figure."
+        "Loss curves (every column containing 'loss'), the monitored metric when it is not a loss, and the learning rate, best epoch marked."
         import matplotlib.pyplot as plt
         df = self.df
-        fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=figsize, layout="constrained")
+        metric = self.monitor.removeprefix("val_").removeprefix("train_")
+        metric_columns = [c for c in (f"train_{metric}", f"val_{metric}") if c in df] if "loss" not in metric else []
+        n_panels = 3 if metric_columns else 2
+        fig, axes = plt.subplots(1, n_panels, figsize=figsize or (5 * n_panels, 3.5), layout="constrained")
+        loss_ax, lr_ax = axes[0], axes[-1]
         marker = "o" if len(df) <= 30 else None
+        def mark_best(ax):
+            if self.best_epoch is not None: ax.axvline(self.best_epoch, color="grey", linestyle="--", label=f"best epoch ({self.best_epoch})")
         for column in [c for c in df.columns if "loss" in c]:
             loss_ax.plot(df.index, df[column], marker=marker, markersize=3, label=column)
-        if self.best_epoch is not None:
-            loss_ax.axvline(self.best_epoch, color="grey", linestyle="--", label=f"best epoch ({self.best_epoch})")
+        mark_best(loss_ax)
         loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
         loss_ax.legend(fontsize="small")
+        if metric_columns:
+            for column in metric_columns: axes[1].plot(df.index, df[column], marker=marker, markersize=3, label=column)
+            mark_best(axes[1])
+            axes[1].set(xlabel="epoch", ylabel=metric, title=f"{metric} (monitored: {self.monitor}, {self.mode})")
+            axes[1].legend(fontsize="small")
         if "lr" in df:
             lr_ax.plot(df.index, df["lr"], marker=marker, markersize=3, color="tab:purple")
             if (df["lr"] > 0).all(): lr_ax.set_yscale("log")
