@@ -520,14 +520,17 @@ def plot_reliability_diagram(y_true=None, # true labels, or a ReliabilityData, o
             bins = _pooled_bins(calibration).query("count > 0")
             width = 1 / calibration.n_bins
             centers = (bins["lower"] + bins["upper"]) / 2
-            top.bar(centers, bins["accuracy"], width=width, color="tab:blue", edgecolor="black", lw=0.5, label="accuracy")
-            top.bar(centers, bins["confidence"] - bins["accuracy"], bottom=bins["accuracy"], width=width,
-                    color="tab:red", alpha=0.3, hatch="//", edgecolor="tab:red", lw=0.5, label="gap to confidence")
+            accuracy, confidence = bins["accuracy"].to_numpy(), bins["confidence"].to_numpy()
+            over = confidence > accuracy  # over-confident bins: the gap sits above the accuracy bar
+            top.bar(centers, np.minimum(accuracy, confidence), width=width, color="tab:blue", edgecolor="black", lw=0.5, label="accuracy")
+            top.bar(centers[~over], (accuracy - confidence)[~over], bottom=confidence[~over], width=width, color="tab:blue", alpha=0.45,
+                    hatch="\\\\", edgecolor="black", lw=0.5, label="accuracy above confidence (under-confident)")
+            top.bar(centers[over], (confidence - accuracy)[over], bottom=accuracy[over], width=width, color="tab:red", alpha=0.3,
+                    hatch="//", edgecolor="tab:red", lw=0.5, label="confidence above accuracy (over-confident)")
             bottom.bar(centers, bins["count"], width=width, color="tab:grey", edgecolor="black", lw=0.5)
             top.set_title(f"{name + ': ' if name else ''}ECE = {calibration.ece:.3f}", fontsize=10)
         fig.suptitle(title)
-        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center",
-                   ncols=3 if n_panels > 1 else 2, fontsize=8, frameon=False)
+        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     else:
         top, bottom = panel(0)
         for name, calibration in calibrations.items():
