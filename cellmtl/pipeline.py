@@ -145,11 +145,13 @@ def run_notebook(notebook:str|Path, # figure notebook to execute
 
 # %% ../nbs/90_pipeline.ipynb #abb2d613
 def promote(run:FigureRun, build_dir:str|Path, out_dir:str|Path) -> list[dict]:
-    "Move the staged figures of a successful `run` into `out_dir`; return index entries."
+    "Move the staged figures of a successful `run` (and a `<name>.csv` table beside a figure, if any) into `out_dir`; return index entries."
     staging = Path(build_dir)/Path(run.notebook).stem
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     entries = []
     for fig in run.figures:
+        table = f"{fig['name']}.csv"  # the numbers behind the figure, when the notebook wrote them
+        fig = {**fig, "files": list(fig["files"]) + ([table] if (staging/table).exists() and table not in fig["files"] else [])}
         for f in fig["files"]:
             tmp = out/f".{f}.incoming"
             shutil.copyfile(staging/f, tmp)   # copy first (build/ may be on another file system) ...
@@ -183,7 +185,7 @@ def write_index(entries:list[dict], out_dir:str|Path) -> Path:
     for e in items:
         lines += ["", f"## {e['name']}", "", f"![{e['name']}]({e['name']}.png)", "", e["caption"] or "_(no caption)_", "",
                   f"Source: `{e['notebook']}` · profile `{e['profile']}` · seed {e['seed']} · {e['seconds']:.0f} s · "
-                  f"[PDF]({e['name']}.pdf)"]
+                  f"[PDF]({e['name']}.pdf)" + (f" · [CSV]({e['name']}.csv)" if f"{e['name']}.csv" in e.get("files", []) else "")]
     readme = out/"README.md"
     _atomic_write_text(readme, "\n".join(lines) + "\n")
     return readme

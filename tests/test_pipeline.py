@@ -24,6 +24,9 @@ def test_every_figure_notebook_runs_with_the_test_profile(tmp_path, data_dir):
     readme = (out / "README.md").read_text()
     for e in index: assert f"![{e['name']}]({e['name']}.png)" in readme and e["caption"] in readme
     for stem in FIGURE_NOTEBOOKS: assert (build / f"{stem}.ipynb").exists()  # executed copies kept in build/
+    tables = [e for e in index if f"{e['name']}.csv" in e["files"]]  # numbers behind a figure travel with it
+    assert "mtl_methods" in {e["name"] for e in tables}
+    for e in tables: assert (out / f"{e['name']}.csv").read_text().count("\n") > 1 and f"[CSV]({e['name']}.csv)" in readme
 
 
 def _toy_notebook(path: Path, *cells: str):
