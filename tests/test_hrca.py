@@ -12,7 +12,8 @@ import torch
 
 from cellmtl.datasets import simulate_hierarchy
 from cellmtl.hrca import (FeatureTokenAttention, GeneAE, GeneAEConfig, SEClassifier, annotate, denoising_pair, fine_tune,
-                          pretrain)
+                          load_hrca, pretrain, save_hrca)
+from cellmtl.train import CheckpointError
 
 TINY = dict(input_width=64, d_model=32, d_ff=64, head_num=4, n_layers=1)
 
@@ -90,6 +91,13 @@ def test_pretrain_fine_tune_annotate_round(cells, tmp_path):
     table = annotate(test, gene_ae, classifier)
     assert list(table.columns[:2]) == ["predicted_cell_type", "predicted_cell_type_prob"]
     np.testing.assert_allclose(table.filter(like="prob_").sum(1), 1.0, atol=1e-5)
+    save_hrca(tmp_path / "hrca.pt", gene_ae, classifier)
+    loaded = load_hrca(tmp_path / "hrca.pt")
+    import pandas as pd
+    pd.testing.assert_frame_equal(annotate(test, *loaded), table)
+    (tmp_path / "broken.pt").write_bytes(b"\x00 not a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_hrca(tmp_path / "broken.pt")
     with pytest.warns(UserWarning, match="20 reference genes missing"):
         annotate(test[:, 20:].copy(), gene_ae, classifier)  # genes aligned by name, the missing ones reported
     with pytest.raises(KeyError, match="no column 'lineage'"):
