@@ -157,11 +157,11 @@ class PerLevelAnnotator:
     def predict(self,
         query:ad.AnnData, # cells to annotate
     ) -> pd.DataFrame:
-        "DataFrame indexed by `query.obs_names`: per level `predicted_<level>` (class name) and `predicted_<level>_prob`."
+        "DataFrame indexed by `query.obs_names`: per level `predicted_<level>` (categorical class name) and `predicted_<level>_prob`."
         columns = {}
         for level, proba in self.predict_proba(query).items():
             best = proba.argmax(1)  # (n_cells,)
-            columns[f"predicted_{level}"] = np.asarray(self.hierarchy.classes[level], dtype=object)[best]
+            columns[f"predicted_{level}"] = pd.Categorical.from_codes(best, categories=self.hierarchy.classes[level])  # as HierarchicalAnnotator
             columns[f"predicted_{level}_prob"] = proba[np.arange(len(best)), best]
         return pd.DataFrame(columns, index=pd.Index(query.obs_names).copy())
 
