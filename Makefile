@@ -7,6 +7,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pyproject.sha256
 PROFILE ?= smoke
+# scGPT's own model code (release 0.2.4, from PyPI, without its dependencies: its torchtext pin does not install
+# beside current torch). Only tests/test_transformer.py reads it, to check that scGPT state dicts load into ours.
+SCGPT_REFERENCE := $(VENV)/reference/scgpt-0.2.4
+export CELLMTL_SCGPT_REFERENCE := $(abspath $(SCGPT_REFERENCE))
 
 # Offline copies of the real datasets (see ../shared/data/SOURCES.md). Without them the loaders
 # download from the pinned URLs instead.
@@ -16,7 +20,7 @@ endif
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: help venv figures test test-all sync-check nbtest pytest export clean-build
+.PHONY: help venv reference figures test test-all sync-check nbtest pytest export clean-build
 .DEFAULT_GOAL := help
 
 help:
@@ -35,12 +39,18 @@ venv:
 	  $(BIN)/python -m pip install -e ".[dev]" && echo "$$want" > $(STAMP) || exit 1; \
 	else echo "== $(VENV) is up to date with pyproject.toml"; fi
 
+reference: venv
+	@if [ ! -f $(SCGPT_REFERENCE)/scgpt/model/model.py ]; then \
+	  echo "== installing scGPT 0.2.4's source (no dependencies) into $(SCGPT_REFERENCE) for the checkpoint-compatibility test"; \
+	  $(BIN)/python -m pip install --quiet --no-deps --target $(SCGPT_REFERENCE) "scgpt==0.2.4" || exit 1; \
+	fi
+
 figures: venv
 	$(BIN)/cellmtl figures --profile $(PROFILE)
 
 # nbdev-test runs notebooks in parallel (one per core): one BLAS/torch thread each, no oversubscription.
 test test-all: export OMP_NUM_THREADS ?= 1
-test: venv sync-check nbtest pytest
+test: venv reference sync-check nbtest pytest
 	@echo "== make test: all passed"
 
 # CI fails when nbdev-export, nbdev-clean or the README render would change a tracked file.
@@ -57,7 +67,7 @@ sync-check:
 nbtest:
 	$(BIN)/nbdev-test --timing
 
-test-all: venv sync-check pytest
+test-all: venv reference sync-check pytest
 	$(BIN)/nbdev-test --timing --flags slow
 
 pytest:
