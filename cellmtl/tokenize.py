@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .train import atomic_write
 from .data import CSRBatchLoader, LabelHierarchy
 
 # %% auto #0
@@ -101,16 +100,7 @@ class GeneVocab(Mapping):
         path, # target .json file; written atomically (temporary file + rename)
     ) -> Path:
         "Write JSON {token: id} in id order: the format of scGPT's `vocab.json`."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as file: json.dump(dict(self.items()), file, indent=2)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda file: file.write(json.dumps(dict(self.items()), indent=2).encode()))
 
     def __getitem__(self, token) -> int:
         position = self._index.get_indexer([str(token)])[0]

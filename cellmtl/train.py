@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'seed_everything', 'get_device', 'to_device',
            'batch_size_of', 'WeightedMeans', 'autocast_context', 'train_one_epoch', 'evaluate', 'History',
-           'EarlyStopping', 'PlateauSchedule', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
+           'EarlyStopping', 'PlateauSchedule', 'CheckpointError', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
            'load_model_state', 'rng_state', 'set_rng_state', 'open_tensorboard', 'log_scalars', 'resolve_amp',
            'DistributedContext', 'setup_distributed', 'teardown_distributed', 'wrap_model', 'unwrap_model',
            'gather_objects', 'TrainConfig', 'config_to_dict', 'make_optimizer', 'set_loader_epoch', 'fit']
@@ -353,20 +353,16 @@ CHECKPOINT_FORMAT_VERSION = 1
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, truncated, corrupt, foreign, or does not match the model or run it is loaded into."
 
-def save_checkpoint(path:str|Path, # target file, e.g. "runs/pbmc/last.pt"; parent directories are created
-                    **state, # what to store: tensors, state dicts, numbers, strings, lists, dicts
-                   ) -> Path:
-    "Write `state` atomically (temp file in the same directory + `os.replace`) with cellmtl format metadata."
-    reserved = {"format", "format_version", "cellmtl_version", "torch_version"} & set(state)
-    if reserved: raise ValueError(f"save_checkpoint adds {sorted(reserved)} itself; rename those entries")
+def atomic_write(path:str|Path, # the file to (re)write; parent directories are created
+                 write:Callable, # write(binary_file): writes the content
+                ) -> Path:
+    "Write a file atomically: `write` fills a temp file in the same directory, fsync, then `os.replace` onto `path`."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-               "cellmtl_version": str(__version__), "torch_version": str(torch.__version__), **state}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
@@ -374,6 +370,16 @@ def save_checkpoint(path:str|Path, # target file, e.g. "runs/pbmc/last.pt"; pare
         with contextlib.suppress(FileNotFoundError): os.remove(temporary)
         raise
     return path
+
+def save_checkpoint(path:str|Path, # target file, e.g. "runs/pbmc/last.pt"; parent directories are created
+                    **state, # what to store: tensors, state dicts, numbers, strings, lists, dicts
+                   ) -> Path:
+    "Write `state` atomically (temp file in the same directory + `os.replace`) with cellmtl format metadata."
+    reserved = {"format", "format_version", "cellmtl_version", "torch_version"} & set(state)
+    if reserved: raise ValueError(f"save_checkpoint adds {sorted(reserved)} itself; rename those entries")
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+               "cellmtl_version": str(__version__), "torch_version": str(torch.__version__), **state}
+    return atomic_write(path, lambda file: torch.save(payload, file))
 
 def _other_checkpoints(path:Path) -> str:
     "Names of other checkpoint files next to `path`, newest first, for error messages."
