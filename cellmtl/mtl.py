@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, _count_stats, align_genes, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
-from .train import CheckpointError, History, fit, load_checkpoint, load_model_state, save_checkpoint, seed_everything
+from .train import CheckpointError, History, atomic_write, fit, load_checkpoint, load_model_state, save_checkpoint, seed_everything
 
 logger = logging.getLogger("cellmtl.mtl")
 
@@ -452,8 +452,7 @@ def _save(self:HierarchicalAnnotator,
     save_checkpoint(directory / "model.pt", **state)  # atomic: temp file + rename
     summary = {"kind": ANNOTATOR_KIND, "cellmtl_version": __version__, **self.config(), "n_genes": len(self.genes),
                "classes": self.hierarchy.classes, "temperatures": self.temperatures_}
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as file: json.dump(summary, file, indent=1)
-    os.replace(file.name, directory / "annotator.json")
+    atomic_write(directory / "annotator.json", lambda file: file.write(json.dumps(summary, indent=1).encode()))
     if self.history_ is not None: self.history_.df.to_csv(directory / "history.csv")
     return directory
 
