@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field
 import logging
 import os
 import shutil
@@ -23,26 +24,29 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torch import nn
 
+from fastcore.basics import patch
+
 from . import __version__
-from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, _count_stats, align_genes, stratified_split
+from .base import BaseModel
+from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_not_scaled, repeated_names, row_indices, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
-from .train import CheckpointError, History, atomic_write, fit, load_checkpoint, load_model_state, save_checkpoint, seed_everything
+from .train import CheckpointError, fit, load_model_state, save_checkpoint, seed_everything
 
 logger = logging.getLogger("cellmtl.mtl")
 
 # %% auto #0
 __all__ = ['logger', 'PHMAP_TASK_WEIGHTS', 'Decoding', 'DECODINGS', 'UNASSIGNED', 'ANNOTATOR_KIND', 'SharedLayers', 'PHMapNet',
            'default_task_weights', 'hierarchical_loss', 'PHMapLoss', 'leaf_paths', 'decode_hierarchy',
-           'fit_temperature', 'score_predictions', 'consistency_rate', 'rejection_auroc', 'adam',
-           'HierarchicalAnnotator']
+           'fit_temperature', 'score_predictions', 'consistency_rate', 'rejection_auroc', 'adam', 'PHMapConfig',
+           'check_threshold', 'HierarchicalAnnotator']
 
 # %% ../nbs/10_mtl.ipynb #de9a154a
 class SharedLayers(nn.Module):
     "The shared trunk: [Linear → ReLU → Dropout] per hidden size; accepts dense or sparse-CSR (B, G) input."
     def __init__(self,
         n_genes:int, # input features G
-        hidden_sizes:Sequence[int]=(200, 100), # width of each hidden layer (the seed: 200, 100)
-        dropout:float=0.4, # dropout after every hidden layer (the seed: 0.4)
+        hidden_sizes:Sequence[int]=(200, 100), # width of each hidden layer (PH-Map: 200, 100)
+        dropout:float=0.4, # dropout after every hidden layer (PH-Map: 0.4)
     ):
         super().__init__()
         if not hidden_sizes: raise ValueError("hidden_sizes is empty; PH-Map needs at least one shared layer, e.g. (200, 100).")
@@ -66,8 +70,8 @@ class PHMapNet(nn.Module):
     def __init__(self,
         n_genes:int, # input features G
         n_classes:Sequence[int], # classes per level, coarse to fine, e.g. (6, 19, 30, 55)
-        hidden_sizes:Sequence[int]=(200, 100), # shared widths (the seed: 200, 100)
-        dropout:float=0.4, # dropout in the trunk (the seed: 0.4)
+        hidden_sizes:Sequence[int]=(200, 100), # shared widths (PH-Map: 200, 100)
+        dropout:float=0.4, # dropout in the trunk (PH-Map: 0.4)
     ):
         super().__init__()
         if len(n_classes) == 0: raise ValueError("n_classes is empty; pass the number of classes of every level, coarse to fine.")
@@ -81,10 +85,10 @@ class PHMapNet(nn.Module):
         return [head(h) for head in self.heads]
 
 # %% ../nbs/10_mtl.ipynb #a89da9fd
-PHMAP_TASK_WEIGHTS = (0.3, 0.8, 1.5, 2.0)  # the seed's weights for four levels, coarse to fine
+PHMAP_TASK_WEIGHTS = (0.3, 0.8, 1.5, 2.0)  # PH-Map's weights for four levels, coarse to fine
 
 def default_task_weights(n_levels:int) -> tuple[float, ...]:
-    "The seed's weights for 4 levels; equal weights (1.0) for any other number of levels."
+    "PH-Map's weights for 4 levels; equal weights (1.0) for any other number of levels."
     return PHMAP_TASK_WEIGHTS if n_levels == len(PHMAP_TASK_WEIGHTS) else (1.0,) * n_levels
 
 def hierarchical_loss(logits:Sequence[torch.Tensor], # per-level (B, C_l) logits
@@ -137,7 +141,7 @@ def leaf_paths(parent_index:Sequence[np.ndarray], # per level (coarse to fine): 
 
 def decode_hierarchy(probabilities:Sequence[np.ndarray], # per level (N, C_l) probabilities, coarse to fine
                      parent_index:Sequence[np.ndarray], # per level parent codes (LabelHierarchy.parent_index values)
-                     decoding:Decoding="independent", # "independent" (the seed), "bottom_up" or "joint"
+                     decoding:Decoding="independent", # "independent" (PH-Map's), "bottom_up" or "joint"
                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     "Per-level predicted codes and the probability of each prediction, for one decoding rule."
     if decoding not in DECODINGS: raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}.")
@@ -224,145 +228,167 @@ def rejection_auroc(predictions:pd.DataFrame, # annotator output on known and no
 
 # %% ../nbs/10_mtl.ipynb #ee402f3f
 def adam(params, # parameters to optimise
-         lr:float=1e-3, # learning rate (the seed: 1e-3)
-         weight_decay:float=0.0, # L2 penalty (the seed: none)
+         lr:float=1e-3, # learning rate (PH-Map: 1e-3)
+         weight_decay:float=0.0, # L2 penalty (PH-Map: none)
         ) -> torch.optim.Optimizer:
     "Adam, as one fused kernel where PyTorch supports it for these parameters (same update rule)."
     params = list(params)
     try: return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError, TypeError): return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
-def _row_indices(indices, n_rows:int, what:str) -> np.ndarray:
-    "Sorted unique int64 row indices, checked against the number of rows."
-    indices = np.asarray(indices)
-    if indices.dtype == bool: raise TypeError(f"{what} is a boolean mask; pass row numbers, e.g. np.flatnonzero(mask).")
-    if indices.size == 0: raise ValueError(f"{what} is empty; training needs cells in both train_indices and val_indices.")
-    if not np.issubdtype(indices.dtype, np.integer): raise TypeError(f"{what} must hold integer row numbers, got dtype {indices.dtype}.")
-    if indices.min() < 0 or indices.max() >= n_rows: raise IndexError(f"{what} must lie in [0, {n_rows:,}), got min {indices.min()}, max {indices.max()}.")
-    return np.unique(indices).astype(np.int64)
-
 def _check_expression(adata:ad.AnnData, what:str="adata"):
     "Raise ValueError for inputs PH-Map cannot binarise: no cells/genes, duplicate genes, negative or NaN values."
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{what} is empty ({adata.n_obs} cells x {adata.n_vars} genes); check the filtering that produced it.")
     if adata.var_names.has_duplicates:
-        repeated = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"{what}.var_names repeats gene names ({repeated}); call {what}.var_names_make_unique() "
+        raise ValueError(f"{what}.var_names repeats gene names ({repeated_names(adata.var_names)[0]}); call {what}.var_names_make_unique() "
                          "or aggregate the repeated genes first.")
-    stats = _count_stats(adata.X, max_values=20_000_000)  # the first ~20M stored values (all of them for most datasets)
-    if stats["n_nonfinite"]: raise ValueError(f"{what}.X has {stats['n_nonfinite']:,} NaN/inf values; PH-Map binarises X > 0 and needs finite values.")
-    if stats["n_negative"]:
-        raise ValueError(f"{what}.X has {stats['n_negative']:,} negative values (min {stats['minimum']:.3g}): it looks scaled (z-scored). "
-                         "PH-Map binarises X > 0, which needs counts or log-normalised values; pass adata.raw.to_adata() or the counts layer.")
+    check_not_scaled(adata.X, f"{what}.X", max_values=20_000_000,  # the first ~20M stored values (all of them for most datasets)
+                     needs="PH-Map binarises X > 0, which needs counts or log-normalised values: pass adata.raw.to_adata() or the counts layer")
 
-# %% ../nbs/10_mtl.ipynb #975a9fed
-class HierarchicalAnnotator:
+# %% ../nbs/10_mtl.ipynb #f2918692
+@dataclass
+class PHMapConfig:
+    "Options of a `HierarchicalAnnotator`; the defaults are the published PH-Map setting."
+    label_keys:list[str]=field(default_factory=lambda: ["anno_lv1", "anno_lv2", "anno_lv3", "anno_lv4"])  # obs label columns, coarse to fine (any number >= 1)
+    hidden_sizes:tuple[int, ...]=(200, 100)  # shared trunk widths (PH-Map: 200, 100)
+    dropout:float=0.4  # trunk dropout (PH-Map: 0.4)
+    task_weights:tuple[float, ...]|None=None  # loss weight per level; None: PH-Map's (0.3, 0.8, 1.5, 2.0) for 4 levels, else equal
+    decoding:Decoding="joint"  # default decoding: "joint" (best valid path), "independent" (PH-Map's) or "bottom_up"
+    unassigned_threshold:float|None=None  # default open-set threshold on each level's probability; None = always assign
+    unlabeled:Literal["error", "drop"]="error"  # cells with a missing label: error, or skip them at that level
+
+    def __post_init__(self):
+        self.label_keys = [self.label_keys] if isinstance(self.label_keys, str) else [str(k) for k in self.label_keys]
+        if not self.label_keys: raise ValueError("label_keys is empty; pass the label columns from coarsest to finest.")
+        self.hidden_sizes, self.dropout = tuple(int(h) for h in self.hidden_sizes), float(self.dropout)
+        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        weights = self.task_weights if self.task_weights is not None else default_task_weights(len(self.label_keys))
+        self.task_weights = tuple(float(w) for w in weights)
+        if len(self.task_weights) != len(self.label_keys):
+            raise ValueError(f"task_weights has {len(self.task_weights)} entries for {len(self.label_keys)} levels {self.label_keys}; pass one weight per level.")
+        if self.decoding not in DECODINGS: raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}.")
+        check_threshold(self.unassigned_threshold)
+        if self.unlabeled not in ("error", "drop"): raise ValueError(f"unlabeled must be 'error' or 'drop', got {self.unlabeled!r}.")
+
+def check_threshold(threshold:float|None) -> float|None:
+    "An open-set threshold, checked: None or in (0, 1]."
+    if threshold is not None and not 0 < threshold <= 1: raise ValueError(f"unassigned_threshold must be in (0, 1] or None, got {threshold}.")
+    return threshold
+
+# %% ../nbs/10_mtl.ipynb #89b5407a
+class HierarchicalAnnotator(BaseModel):
     "PH-Map on AnnData: fit on labelled cells, predict/annotate query cells at every level, save and load."
+    kind, config_class = "cellmtl.HierarchicalAnnotator", PHMapConfig
     def __init__(self,
-        levels:Sequence[str]=("anno_lv1", "anno_lv2", "anno_lv3", "anno_lv4"), # obs label columns, coarse to fine (any number >= 1)
-        hidden_sizes:Sequence[int]=(200, 100), # shared trunk widths (the seed: 200, 100)
-        dropout:float=0.4, # trunk dropout (the seed: 0.4)
-        task_weights:Sequence[float]|None=None, # loss weight per level; None: the seed's (0.3, 0.8, 1.5, 2.0) for 4 levels, else equal
-        decoding:Decoding="joint", # default decoding: "joint" (best valid path), "independent" (the seed) or "bottom_up"
+        label_keys:Sequence[str]=("anno_lv1", "anno_lv2", "anno_lv3", "anno_lv4"), # obs label columns, coarse to fine (any number >= 1)
+        hidden_sizes:Sequence[int]=(200, 100), # shared trunk widths (PH-Map: 200, 100)
+        dropout:float=0.4, # trunk dropout (PH-Map: 0.4)
+        task_weights:Sequence[float]|None=None, # loss weight per level; None: PH-Map's (0.3, 0.8, 1.5, 2.0) for 4 levels, else equal
+        decoding:Decoding="joint", # default decoding: "joint" (best valid path), "independent" (PH-Map's) or "bottom_up"
         unassigned_threshold:float|None=None, # default open-set threshold on each level's probability; None = always assign
         unlabeled:Literal["error", "drop"]="error", # cells with a missing label: error, or skip them at that level
     ):
-        self.levels = [levels] if isinstance(levels, str) else list(levels)
-        if not self.levels: raise ValueError("levels is empty; pass the label columns from coarsest to finest.")
-        self.hidden_sizes, self.dropout = tuple(int(h) for h in hidden_sizes), float(dropout)
-        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        self.task_weights = tuple(float(w) for w in (task_weights if task_weights is not None else default_task_weights(len(self.levels))))
-        if len(self.task_weights) != len(self.levels):
-            raise ValueError(f"task_weights has {len(self.task_weights)} entries for {len(self.levels)} levels {self.levels}; pass one weight per level.")
-        if decoding not in DECODINGS: raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}.")
-        self.decoding, self.unassigned_threshold = decoding, self._check_threshold(unassigned_threshold)
-        if unlabeled not in ("error", "drop"): raise ValueError(f"unlabeled must be 'error' or 'drop', got {unlabeled!r}.")
-        self.unlabeled = unlabeled
-        self.model_ = self.hierarchy = self.genes = self.history_ = self.alignment_ = None
-        self.temperatures_ = {level: 1.0 for level in self.levels}
+        super().__init__(PHMapConfig(label_keys, hidden_sizes, dropout, task_weights, decoding, unassigned_threshold, unlabeled))
+        self.hierarchy_ = self.alignment_ = None
+        self.temperatures_ = {level: 1.0 for level in self.config.label_keys}
 
-    @staticmethod
-    def _check_threshold(threshold):
-        if threshold is not None and not 0 < threshold <= 1: raise ValueError(f"unassigned_threshold must be in (0, 1] or None, got {threshold}.")
-        return threshold
+    @property
+    def levels(self) -> list[str]:
+        "The annotation levels, coarse to fine (the config's `label_keys`)."
+        return self.config.label_keys
 
-    def config(self) -> dict:
-        "The constructor arguments (saved with the model)."
-        return {"levels": self.levels, "hidden_sizes": list(self.hidden_sizes), "dropout": self.dropout, "task_weights": list(self.task_weights),
-                "decoding": self.decoding, "unassigned_threshold": self.unassigned_threshold, "unlabeled": self.unlabeled}
+    @property
+    def classes_(self) -> dict[str, list[str]]|None:
+        "Per level, the class names in output order (None before fitting)."
+        return None if self.hierarchy_ is None else dict(self.hierarchy_.classes)
 
-    def __repr__(self):
-        state = (f"fitted on {len(self.genes):,} genes, classes {self.hierarchy.n_classes}" if self.model_ is not None else "not fitted")
-        return f"HierarchicalAnnotator(levels={self.levels}, hidden_sizes={self.hidden_sizes}, decoding={self.decoding!r}; {state})"
-
-# %% ../nbs/10_mtl.ipynb #84ed3617
-def _fit(self:HierarchicalAnnotator,
-         adata:ad.AnnData, # labelled cells (in memory or backed='r'); X counts or log values, binarised X > 0
-         train_indices=None, # rows to train on; default: the stratified split
-         val_indices=None, # rows for early stopping and calibration; default: the stratified split
-         val_fraction:float=0.2, # validation share of the default split (the seed: 0.2)
-         split_seed:int=42, # seed of the default split (the seed: 42)
-         stratify_by:str|None=None, # obs column the default split is stratified by; None = the coarsest level (the seed)
-         batch_size:int=128, # training batch size (the seed: 128)
-         epochs:int=100, # maximum epochs (the seed: 100)
-         patience:int|None=10, # early-stopping patience on the mean validation accuracy (the seed: 10)
-         lr:float=1e-3, # Adam learning rate (the seed: 1e-3)
-         seed:int=0, # seeds weight init, shuffling and dropout
-         calibrate:bool=True, # fit one temperature per level on the validation cells
-         progress:bool|None=None, # epoch progress bar (default: when stderr is a terminal)
-         **train_overrides, # more `cellmtl.train.TrainConfig` options, e.g. checkpoint_dir, device, tensorboard
-        ) -> HierarchicalAnnotator:
-    "Train PH-Map on `adata`'s labels (obs columns `levels`); returns self."
-    _check_expression(adata)
-    missing = [level for level in self.levels if level not in adata.obs.columns]
-    if missing: raise KeyError(f"adata.obs has no column(s) {missing}; label columns present: {list(adata.obs.columns)[:20]}. Pass levels=[...] naming them.")
+# %% ../nbs/10_mtl.ipynb #5ad1e4fb
+@patch
+def _split_rows(self:HierarchicalAnnotator,
+                adata:ad.AnnData, train_indices, val_indices, val_fraction:float, split_seed:int, stratify_by:str|None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    "The (train, validation) row numbers: the caller's, checked, or PH-Map's stratified 80/20 split."
     if train_indices is None and val_indices is None:
-        train_indices, val_indices = stratified_split(adata.obs, by=stratify_by or self.levels[0], val_fraction=val_fraction, seed=split_seed)
-    elif train_indices is None or val_indices is None:
+        return stratified_split(adata.obs, by=stratify_by or self.config.label_keys[0], val_fraction=val_fraction, seed=split_seed)
+    if train_indices is None or val_indices is None:
         raise ValueError("pass both train_indices and val_indices, or neither (then a stratified split is made).")
-    train_indices, val_indices = _row_indices(train_indices, adata.n_obs, "train_indices"), _row_indices(val_indices, adata.n_obs, "val_indices")
-    if np.intersect1d(train_indices, val_indices).size:
-        raise ValueError(f"{np.intersect1d(train_indices, val_indices).size} cells are in both train_indices and val_indices; the validation cells must be held out.")
-    used = np.union1d(train_indices, val_indices)  # the classes are those of these cells: other rows (e.g. a test set) are never read
-    hierarchy = LabelHierarchy(adata.obs.iloc[used], self.levels, unlabeled=self.unlabeled)
-    single = {level: hierarchy.classes[level] for level, n in zip(self.levels, hierarchy.n_classes) if n < 2}
+    train, val = row_indices(train_indices, adata.n_obs, "train_indices"), row_indices(val_indices, adata.n_obs, "val_indices")
+    if np.intersect1d(train, val).size:
+        raise ValueError(f"{np.intersect1d(train, val).size} cells are in both train_indices and val_indices; the validation cells must be held out.")
+    return train, val
+
+@patch
+def _encode_labels(self:HierarchicalAnnotator,
+                   adata:ad.AnnData, used:np.ndarray, # the train + validation rows: only their labels become classes
+                  ) -> tuple[LabelHierarchy, dict[str, np.ndarray]]:
+    "The label hierarchy of the `used` cells and per level (n_cells,) int64 codes, -1 outside them."
+    levels = self.config.label_keys
+    missing = [level for level in levels if level not in adata.obs.columns]
+    if missing: raise KeyError(f"adata.obs has no column(s) {missing}; label columns present: {list(adata.obs.columns)[:20]}. Pass label_keys=[...] naming them.")
+    hierarchy = LabelHierarchy(adata.obs.iloc[used], levels, unlabeled=self.config.unlabeled)
+    single = {level: hierarchy.classes[level] for level, n in zip(levels, hierarchy.n_classes) if n < 2}
     if single:
         raise ValueError(f"level(s) {list(single)} have a single class ({single}); a classifier head needs at least two. "
-                         "Drop those levels from `levels`, or add cells of other types.")
-    codes = {level: np.full(adata.n_obs, -1, np.int64) for level in self.levels}  # {level: (n_cells,) int64}, -1 outside train/val
+                         "Drop those levels from `label_keys`, or add cells of other types.")
+    codes = {level: np.full(adata.n_obs, -1, np.int64) for level in levels}  # {level: (n_cells,) int64}
     for level, level_codes in hierarchy.encode(adata.obs.iloc[used]).items(): codes[level][used] = level_codes
+    return hierarchy, codes
+
+# %% ../nbs/10_mtl.ipynb #ead4f193
+@patch
+def fit(self:HierarchicalAnnotator,
+        adata:ad.AnnData, # labelled cells (in memory or backed='r'); X counts or log values, binarised X > 0
+        train_indices=None, # rows to train on; default: the stratified split
+        val_indices=None, # rows for early stopping and calibration; default: the stratified split
+        val_fraction:float=0.2, # validation share of the default split (PH-Map: 0.2)
+        split_seed:int=42, # seed of the default split (PH-Map: 42)
+        stratify_by:str|None=None, # obs column the default split is stratified by; None = the coarsest level (PH-Map's)
+        batch_size:int=128, # training batch size (PH-Map: 128)
+        epochs:int=100, # maximum epochs (PH-Map: 100)
+        patience:int|None=10, # early-stopping patience on the mean validation accuracy (PH-Map: 10)
+        lr:float=1e-3, # Adam learning rate (PH-Map: 1e-3)
+        seed:int=0, # seeds weight init, shuffling and dropout
+        calibrate:bool=True, # fit one temperature per level on the validation cells
+        progress:bool|None=None, # epoch progress bar (default: when stderr is a terminal)
+        **train_overrides, # more `cellmtl.train.TrainConfig` options, e.g. checkpoint_dir, device, tensorboard
+       ) -> HierarchicalAnnotator:
+    "Train PH-Map on `adata`'s labels (obs columns `label_keys`); returns self."
+    _check_expression(adata)
+    train, val = self._split_rows(adata, train_indices, val_indices, val_fraction, split_seed, stratify_by)
+    hierarchy, codes = self._encode_labels(adata, np.union1d(train, val))  # other rows (e.g. a test set) are never read
     loader_args = dict(X=adata, labels=codes, transform="binarize")
-    train_loader = CSRBatchLoader(**loader_args, batch_size=batch_size, shuffle=True, seed=seed, indices=train_indices)
-    val_loader = CSRBatchLoader(**loader_args, batch_size=max(batch_size, 1024), shuffle=False, indices=val_indices, rank=0, world_size=1)
-    seed_everything(seed)  # the weight initialisation is part of the seed
-    model = PHMapNet(adata.n_vars, hierarchy.n_classes, self.hidden_sizes, self.dropout)
+    train_loader = CSRBatchLoader(**loader_args, batch_size=batch_size, shuffle=True, seed=seed, indices=train)
+    val_loader = CSRBatchLoader(**loader_args, batch_size=max(batch_size, 1024), shuffle=False, indices=val, rank=0, world_size=1)
+    seed_everything(seed)  # the weight initialisation belongs to `seed`
+    model = PHMapNet(adata.n_vars, hierarchy.n_classes, self.config.hidden_sizes, self.config.dropout)
     overrides = dict(optimizer=adam, monitor="val_mean_acc", mode="max") | train_overrides
-    history = fit(model, PHMapLoss(self.levels, self.task_weights), train_loader, val_loader,
-                  epochs=epochs, patience=patience, lr=lr, seed=seed, progress=progress, **overrides)
-    self.model_, self.hierarchy, self.genes, self.history_ = model, hierarchy, [str(g) for g in adata.var_names], history
-    self.train_indices_, self.val_indices_ = train_indices, val_indices
-    self.temperatures_ = {level: 1.0 for level in self.levels}
+    self.history_ = fit(model, PHMapLoss(self.config.label_keys, self.config.task_weights), train_loader, val_loader,
+                        epochs=epochs, patience=patience, lr=lr, seed=seed, progress=progress, **overrides)
+    self.model_, self.hierarchy_, self.genes_ = model, hierarchy, [str(g) for g in adata.var_names]
+    self.train_indices_, self.val_indices_ = train, val
+    self.temperatures_ = {level: 1.0 for level in self.config.label_keys}
     if calibrate:
-        logits = self._logits(adata, rows=val_indices)  # the loader reads only the validation rows (in memory or backed)
-        self.temperatures_ = {level: fit_temperature(logits[i], codes[level][val_indices]) for i, level in enumerate(self.levels)}
+        logits = self._logits(adata, rows=val)  # the loader reads only the validation rows (in memory or backed)
+        self.temperatures_ = {level: fit_temperature(logits[i], codes[level][val]) for i, level in enumerate(self.config.label_keys)}
     return self
 
-HierarchicalAnnotator.fit = _fit
-
-# %% ../nbs/10_mtl.ipynb #836164b3
+# %% ../nbs/10_mtl.ipynb #d6d57b15
+@patch
 def _aligned(self:HierarchicalAnnotator, query:ad.AnnData) -> ad.AnnData:
     "The query with the training genes as columns (itself when they already match), its report in `alignment_`."
-    if self.model_ is None: raise RuntimeError("this HierarchicalAnnotator is not fitted; call .fit(adata) or HierarchicalAnnotator.load(dir) first.")
+    self.check_fitted()
     _check_expression(query, "query")
-    if list(map(str, query.var_names)) == self.genes:
-        n = len(self.genes)
+    if list(map(str, query.var_names)) == self.genes_:
+        n = len(self.genes_)
         self.alignment_ = GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
         return query
-    aligned, self.alignment_ = align_genes(query, self.genes)
+    aligned, self.alignment_ = align_genes(query, self.genes_)
     if self.alignment_.n_missing:
-        warnings.warn(f"query genes differ from the training genes: {self.alignment_.summary(5)}", stacklevel=3)
+        warnings.warn(f"query genes differ from the training genes: {self.alignment_.summary(5)}", stacklevel=4)
     return aligned
 
+@patch
 def _logits(self:HierarchicalAnnotator,
             query:ad.AnnData, # cells whose columns are the training genes
             rows=None, # rows of `query` to predict (default: all)
@@ -373,7 +399,7 @@ def _logits(self:HierarchicalAnnotator,
     device = next(model.parameters()).device
     loader = CSRBatchLoader(query, batch_size=batch_size, shuffle=False, transform="binarize", sparse=True,
                             indices=rows, rank=0, world_size=1)
-    out = [np.empty((loader.n_cells, c), np.float32) for c in self.hierarchy.n_classes]  # per level (N, C_l)
+    out = [np.empty((loader.n_cells, c), np.float32) for c in self.hierarchy_.n_classes]  # per level (N, C_l)
     start = 0
     with torch.inference_mode():
         for batch in loader:
@@ -382,103 +408,75 @@ def _logits(self:HierarchicalAnnotator,
             start += len(logits[0])
     return out
 
-def _predict_proba(self:HierarchicalAnnotator,
-                   query:ad.AnnData, # cells to annotate (in memory or backed); genes aligned by name
-                   calibrated:bool=True, # divide the logits by the fitted per-level temperatures
-                   batch_size:int=8192, # cells per forward pass
-                  ) -> dict[str, np.ndarray]:
-    "Per-level (N, C_l) softmax probabilities, columns in `hierarchy.classes[level]` order (no decoding)."
+# %% ../nbs/10_mtl.ipynb #638dd9e9
+@patch
+def predict_proba(self:HierarchicalAnnotator,
+                  query:ad.AnnData, # cells to annotate (in memory or backed); genes aligned by name
+                  calibrated:bool=True, # divide the logits by the fitted per-level temperatures
+                  batch_size:int=8192, # cells per forward pass
+                 ) -> dict[str, np.ndarray]:
+    "Per-level (N, C_l) softmax probabilities, columns in `hierarchy_.classes[level]` order (no decoding)."
     logits = self._logits(self._aligned(query), batch_size=batch_size)
-    temperatures = [self.temperatures_[level] if calibrated else 1.0 for level in self.levels]
-    return {level: torch.softmax(torch.from_numpy(z) / t, dim=1).numpy() for level, z, t in zip(self.levels, logits, temperatures)}
+    levels = self.config.label_keys
+    temperatures = [self.temperatures_[level] if calibrated else 1.0 for level in levels]
+    return {level: torch.softmax(torch.from_numpy(z) / t, dim=1).numpy() for level, z, t in zip(levels, logits, temperatures)}
 
-def _predict(self:HierarchicalAnnotator,
-             query:ad.AnnData, # cells to annotate (in memory or backed); genes aligned by name
-             decoding:Decoding|None=None, # None: the annotator's default
-             calibrated:bool=True, # use the fitted temperatures
-             unassigned_threshold:float|None=None, # None: the annotator's default; predictions below it become "Unassigned"
-             batch_size:int=8192, # cells per forward pass
-            ) -> pd.DataFrame:
+@patch
+def predict(self:HierarchicalAnnotator,
+            query:ad.AnnData, # cells to annotate (in memory or backed); genes aligned by name
+            decoding:Decoding|None=None, # None: the annotator's default
+            calibrated:bool=True, # use the fitted temperatures
+            unassigned_threshold:float|None=None, # None: the annotator's default; predictions below it become "Unassigned"
+            batch_size:int=8192, # cells per forward pass
+           ) -> pd.DataFrame:
     "A table indexed by the query's obs_names: per level `predicted_<level>` (categorical) and `predicted_<level>_prob`."
-    decoding = decoding or self.decoding
-    threshold = self._check_threshold(unassigned_threshold if unassigned_threshold is not None else self.unassigned_threshold)
+    decoding, levels = decoding or self.config.decoding, self.config.label_keys
+    threshold = check_threshold(unassigned_threshold if unassigned_threshold is not None else self.config.unassigned_threshold)
     probabilities = self.predict_proba(query, calibrated=calibrated, batch_size=batch_size)
-    codes, chosen = decode_hierarchy(list(probabilities.values()), [self.hierarchy.parent_index[level] for level in self.levels], decoding)
+    codes, chosen = decode_hierarchy(list(probabilities.values()), [self.hierarchy_.parent_index[level] for level in levels], decoding)
     table, unsure = {}, np.zeros(len(codes[0]), bool)
-    for level, level_codes, level_prob in zip(self.levels, codes, chosen):
-        classes = list(self.hierarchy.classes[level])
+    for level, level_codes, level_prob in zip(levels, codes, chosen):
+        classes = list(self.hierarchy_.classes[level])
         if threshold is not None:
             unsure |= level_prob < threshold  # unsure at this level, or at a coarser one: no finer call either
             level_codes, classes = np.where(unsure, len(classes), level_codes), classes + [UNASSIGNED]
         table[f"predicted_{level}"] = pd.Categorical.from_codes(level_codes, categories=classes)  # int codes, no string per cell
         table[f"predicted_{level}_prob"] = level_prob.astype(np.float32)
-    return pd.DataFrame(table, index=query.obs_names.copy())
+    predictions = pd.DataFrame(table, index=query.obs_names.copy())
+    predictions.attrs["gene_alignment"] = self.alignment_
+    return predictions
 
-def _annotate(self:HierarchicalAnnotator,
-              query:ad.AnnData, # cells to annotate (in memory); the columns are written into query.obs
-              **predict_kwargs, # passed to predict (decoding, calibrated, unassigned_threshold)
-             ) -> ad.AnnData:
-    "Write the `predict` columns into `query.obs` (categorical labels) and return `query`."
-    predictions = self.predict(query, **predict_kwargs)
-    for column in predictions: query.obs[column] = predictions[column].to_numpy() if predictions[column].dtype != "category" else predictions[column].array
-    return query
-
-def _score(self:HierarchicalAnnotator,
-           query:ad.AnnData, # labelled cells: obs has the level columns
-           **predict_kwargs, # passed to predict (decoding, calibrated, unassigned_threshold)
-          ) -> pd.DataFrame:
+# %% ../nbs/10_mtl.ipynb #0e02d96c
+@patch
+def score(self:HierarchicalAnnotator,
+          query:ad.AnnData, # labelled cells: obs has the level columns
+          **predict_kwargs, # passed to predict (decoding, calibrated, unassigned_threshold)
+         ) -> pd.DataFrame:
     "Per-level accuracy, macro-F1, Unassigned share and consistency (down to that level) of `predict(query)`."
     predictions = self.predict(query, **predict_kwargs)
-    scores = score_predictions(predictions, query.obs, self.levels)
-    scores["consistency"] = [consistency_rate(predictions, self.hierarchy, k + 1) for k in range(len(self.levels))]
+    levels = self.config.label_keys
+    scores = score_predictions(predictions, query.obs, levels)
+    scores["consistency"] = [consistency_rate(predictions, self.hierarchy_, k + 1) for k in range(len(levels))]
     return scores
 
-HierarchicalAnnotator._aligned, HierarchicalAnnotator._logits, HierarchicalAnnotator.score = _aligned, _logits, _score
-HierarchicalAnnotator.predict_proba, HierarchicalAnnotator.predict, HierarchicalAnnotator.annotate = _predict_proba, _predict, _annotate
+# %% ../nbs/10_mtl.ipynb #cf8ceed0
+ANNOTATOR_KIND = HierarchicalAnnotator.kind
 
-# %% ../nbs/10_mtl.ipynb #056e1e33
-ANNOTATOR_KIND = "cellmtl.HierarchicalAnnotator"
+@patch
+def _state(self:HierarchicalAnnotator) -> dict:
+    "What model.pt holds besides config, genes and history: weights, hierarchy, temperatures."
+    return {"hierarchy": self.hierarchy_.to_dict(), "temperatures": dict(self.temperatures_), "n_classes": list(self.hierarchy_.n_classes),
+            "model": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()}}
 
-def _save(self:HierarchicalAnnotator,
-          directory:str|Path, # created if needed; an existing saved annotator there is replaced
-         ) -> Path:
-    "Save weights, genes, hierarchy, temperatures and config to `directory` (model.pt, annotator.json, history.csv)."
-    if self.model_ is None: raise RuntimeError("nothing to save: fit the annotator first.")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {"kind": ANNOTATOR_KIND, "config": self.config(), "genes": self.genes, "hierarchy": self.hierarchy.to_dict(),
-             "temperatures": dict(self.temperatures_), "n_classes": list(self.hierarchy.n_classes),
-             "model": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()}}
-    save_checkpoint(directory / "model.pt", **state)  # atomic: temp file + rename
-    summary = {"kind": ANNOTATOR_KIND, "cellmtl_version": __version__, **self.config(), "n_genes": len(self.genes),
-               "classes": self.hierarchy.classes, "temperatures": self.temperatures_}
-    atomic_write(directory / "annotator.json", lambda file: file.write(json.dumps(summary, indent=1).encode()))
-    if self.history_ is not None: self.history_.df.to_csv(directory / "history.csv")
-    return directory
+@patch
+def _restore(self:HierarchicalAnnotator, state:dict, device:torch.device):
+    "Rebuild the network and the hierarchy from `_state`'s entries."
+    self.hierarchy_, self.temperatures_ = LabelHierarchy.from_dict(state["hierarchy"]), dict(state["temperatures"])
+    self.model_ = PHMapNet(len(self.genes_), self.hierarchy_.n_classes, self.config.hidden_sizes, self.config.dropout)
+    load_model_state(self.model_, state["model"], "the saved HierarchicalAnnotator's model.pt")
+    self.model_.to(device).eval()
 
-def _load(cls, directory:str|Path, # a directory written by `save`
-          device:str="cpu", # where the weights are loaded
-         ) -> HierarchicalAnnotator:
-    "Rebuild a saved annotator; `CheckpointError` when the directory is not one or is corrupt."
-    directory = Path(directory)
-    if not directory.is_dir(): raise CheckpointError(f"{directory} is not a directory; pass the folder given to annotator.save(...).")
-    path = directory / "model.pt"
-    if not path.exists():
-        raise CheckpointError(f"{directory} is not a saved HierarchicalAnnotator: it has no model.pt (found {sorted(p.name for p in directory.iterdir())[:5]}); "
-                              "pass the folder given to annotator.save(...).")
-    state = load_checkpoint(path, map_location=device)
-    if state.get("kind") != ANNOTATOR_KIND:
-        raise CheckpointError(f"{path} is a cellmtl checkpoint but not a HierarchicalAnnotator (kind={state.get('kind')!r}); "
-                              "training checkpoints (last.pt/best.pt) hold a model's weights only: load those with cellmtl.train.load_checkpoint.")
-    annotator = cls(**state["config"])
-    annotator.hierarchy, annotator.genes, annotator.temperatures_ = LabelHierarchy.from_dict(state["hierarchy"]), list(state["genes"]), dict(state["temperatures"])
-    annotator.model_ = PHMapNet(len(annotator.genes), annotator.hierarchy.n_classes, annotator.hidden_sizes, annotator.dropout)
-    load_model_state(annotator.model_, state["model"], str(path))
-    annotator.model_.to(device).eval()
-    history = directory / "history.csv"
-    if history.exists():
-        annotator.history_ = History("val_mean_acc", "max")
-        for epoch, row in pd.read_csv(history, index_col=0).iterrows(): annotator.history_.append(int(epoch), row.to_dict())
-    return annotator
-
-HierarchicalAnnotator.save, HierarchicalAnnotator.load = _save, classmethod(_load)
+@patch
+def _summary(self:HierarchicalAnnotator) -> dict:
+    "The readable part of config.json: classes per level and temperatures."
+    return {"classes": self.hierarchy_.classes, "temperatures": self.temperatures_}

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'seed_everything', 'get_device', 'to_device',
            'batch_size_of', 'WeightedMeans', 'autocast_context', 'train_one_epoch', 'evaluate', 'History',
-           'EarlyStopping', 'PlateauSchedule', 'CheckpointError', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
+           'EarlyStopping', 'PlateauSchedule', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
            'load_model_state', 'rng_state', 'set_rng_state', 'open_tensorboard', 'log_scalars', 'resolve_amp',
            'DistributedContext', 'setup_distributed', 'teardown_distributed', 'wrap_model', 'unwrap_model',
            'gather_objects', 'TrainConfig', 'config_to_dict', 'make_optimizer', 'set_loader_epoch', 'fit']
@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__
+from .files import atomic_write
 
 # %% ../nbs/02_train.ipynb #e9325719
 logger = logging.getLogger("cellmtl.train")
@@ -353,28 +354,10 @@ CHECKPOINT_FORMAT_VERSION = 1
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, truncated, corrupt, foreign, or does not match the model or run it is loaded into."
 
-def atomic_write(path:str|Path, # the file to (re)write; parent directories are created
-                 write:Callable, # write(binary_file): writes the content
-                ) -> Path:
-    "Write a file atomically: `write` fills a temp file in the same directory, fsync, then `os.replace` onto `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.remove(temporary)
-        raise
-    return path
-
 def save_checkpoint(path:str|Path, # target file, e.g. "runs/pbmc/last.pt"; parent directories are created
                     **state, # what to store: tensors, state dicts, numbers, strings, lists, dicts
                    ) -> Path:
-    "Write `state` atomically (temp file in the same directory + `os.replace`) with cellmtl format metadata."
+    "Write `state` atomically (`cellmtl.files.atomic_write`: temp file + rename, umask-honouring mode) with cellmtl format metadata."
     reserved = {"format", "format_version", "cellmtl_version", "torch_version"} & set(state)
     if reserved: raise ValueError(f"save_checkpoint adds {sorted(reserved)} itself; rename those entries")
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -387,10 +370,11 @@ def _other_checkpoints(path:Path) -> str:
     return ", ".join(str(p) for p in others[:3]) if others else "an earlier copy (none found next to it)"
 
 def load_checkpoint(path:str|Path, # a file written by `save_checkpoint` or `fit`
-                    map_location:str|torch.device="cpu", # where tensors are loaded
+                    map_location:str|torch.device="cpu", # where tensors are loaded ("auto": the best available device)
                    ) -> dict:
     "Read a cellmtl checkpoint safely (`weights_only`); raises `CheckpointError` with a clear message when it is unusable."
     path = Path(path)
+    if isinstance(map_location, (str, torch.device)): map_location = get_device(map_location)  # a missing CUDA is said as such, before reading
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass a checkpoint file such as {path / 'last.pt'}")
     if not path.exists():
@@ -404,8 +388,10 @@ def load_checkpoint(path:str|Path, # a file written by `save_checkpoint` or `fit
             raise CheckpointError(f"{path} is not a cellmtl checkpoint: it contains Python objects such as {found.group(1)} that cannot be "
                                   "loaded safely (torch.load weights_only); cellmtl checkpoints are written by "
                                   "save_checkpoint/fit") from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); delete it or resume from "
-                              f"{_other_checkpoints(path)}") from None
+        if "cuda" in str(e).lower() and not torch.cuda.is_available():  # e.g. a custom map_location: the file is fine
+            raise ValueError(f"{path} holds CUDA tensors and CUDA is not available here; load it with map_location='cpu' ({reason})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated or corrupt ({reason}); resume from "
+                              f"{_other_checkpoints(path)}, or re-create it") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = f"keys {sorted(map(str, state))[:5]}" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise CheckpointError(f"{path} is not a cellmtl checkpoint (no format={CHECKPOINT_FORMAT!r}; found {found}); "
@@ -568,6 +554,7 @@ class TrainConfig:
     checkpoint_every:int|None=None  # also write last.pt every this many epochs (it is always written at the end)
     keep_epoch_checkpoints:bool=False  # also keep epoch_<n>.pt at every periodic checkpoint
     resume:bool|str|Path=False  # True = continue from <checkpoint_dir>/last.pt if it exists; or a checkpoint path
+    overwrite:bool=False  # start a new run in a checkpoint_dir that already holds one (its best.pt/last.pt/epoch_*.pt are deleted)
     tensorboard:bool|str|Path|None=None  # log dir; None = <checkpoint_dir>/tensorboard when checkpointing; False = off
     progress:bool|None=None  # epoch progress bar; None = only when stderr is a terminal (always rank 0 only)
     seed:int=0  # seeds python/numpy/torch when training starts (rank r uses seed + r)
@@ -588,6 +575,7 @@ class TrainConfig:
         if self.checkpoint_every is not None and not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1):
             bad("checkpoint_every", "use None or a positive integer")
         if self.amp not in ("auto", "bf16", "fp16", "off"): bad("amp", "use 'auto', 'bf16', 'fp16' or 'off'")
+        if self.resume and self.overwrite: bad("overwrite", "resume continues the run in checkpoint_dir, overwrite replaces it: pass one of them")
         if self.resume is True and self.checkpoint_dir is None:
             bad("resume", "resume=True continues from <checkpoint_dir>/last.pt; set checkpoint_dir or pass a checkpoint path")
 
@@ -701,7 +689,7 @@ def _training_state(epoch, model, optimizer, schedule, scaler, stopper, history,
             "config": config_to_dict(config), "rng": gather_objects(rng_state(), context),
             "world_size": context.world_size}
 
-def _tensorboard_dir(config:TrainConfig) -> Path|None:
+def _tensorboard_root(config:TrainConfig) -> Path|None:
     if config.tensorboard is False: return None
     if config.tensorboard is None or config.tensorboard is True:
         if config.checkpoint_dir is not None: return Path(config.checkpoint_dir) / "tensorboard"
@@ -710,6 +698,28 @@ def _tensorboard_dir(config:TrainConfig) -> Path|None:
                              "pass tensorboard='<log directory>' or set checkpoint_dir")
         return None
     return Path(config.tensorboard)
+
+def _tensorboard_dir(config:TrainConfig, run_name:str|None=None) -> Path|None:
+    "The run's own TensorBoard folder: <root>/run_<n>, a new n for a new run (so two runs never mix their events)."
+    root = _tensorboard_root(config)
+    if root is None: return None
+    if run_name is None:
+        taken = [int(p.name[4:]) for p in root.glob("run_*") if p.name[4:].isdigit()] if root.is_dir() else []
+        run_name = f"run_{max(taken, default=0) + 1}"
+    return root / run_name
+
+def _check_run_dir(config:TrainConfig, context) -> None:
+    "Refuse to start a new run over an existing one in `checkpoint_dir`, unless `resume` or `overwrite` says what to do."
+    if config.checkpoint_dir is None or config.resume: return
+    directory = Path(config.checkpoint_dir)
+    found = sorted(p for p in (directory / "best.pt", directory / "last.pt", *directory.glob("epoch_*.pt")) if p.exists())
+    if not found: return
+    if not config.overwrite:
+        raise FileExistsError(f"checkpoint_dir {directory} already holds a training run ({', '.join(p.name for p in found[:4])}); "
+                              "pass resume=True to continue it, overwrite=True to start a new run there (its checkpoints are replaced, "
+                              "TensorBoard logs go to a new run_<n> folder), or choose a new checkpoint_dir")
+    if context.is_main:
+        for path in found: path.unlink(missing_ok=True)
 
 # %% ../nbs/02_train.ipynb #3e8776cb
 def fit(model:nn.Module, # trained in place: moved to the device, best weights restored, left in eval mode
@@ -740,14 +750,16 @@ def fit(model:nn.Module, # trained in place: moved to the device, best weights r
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         stopper = EarlyStopping(config.monitor, config.mode, config.patience, config.min_delta)
         history = History(config.monitor, config.mode)
-        best_state, start_epoch = None, 0
+        best_state, start_epoch, run_name = None, 0, None
+        _check_run_dir(config, context)
         resume_path = _resume_path(config)
         if resume_path is not None:
-            start_epoch, best_state = _restore(load_checkpoint(resume_path), resume_path, model,
-                                               optimizer, schedule, scaler, stopper, history, config, context)
+            resumed = load_checkpoint(resume_path)
+            start_epoch, best_state = _restore(resumed, resume_path, model, optimizer, schedule, scaler, stopper, history, config, context)
+            run_name = resumed.get("tensorboard_run")  # continue that run's TensorBoard folder
             if context.is_main: logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
         checkpoint_dir = None if config.checkpoint_dir is None else Path(config.checkpoint_dir)
-        log_dir = _tensorboard_dir(config)
+        log_dir = _tensorboard_dir(config, run_name)
         if context.is_main and log_dir is not None:
             writer = open_tensorboard(log_dir, purge_step=start_epoch if resume_path is not None else None)
         show = context.is_main and (sys.stderr.isatty() if config.progress is None else bool(config.progress))
@@ -790,6 +802,7 @@ def fit(model:nn.Module, # trained in place: moved to the device, best weights r
                 periodic = config.checkpoint_every is not None and (epoch + 1) % config.checkpoint_every == 0
                 if last or periodic or improved:
                     state = _training_state(epoch, network, optimizer, schedule, scaler, stopper, history, best_state, config, context)
+                    state["tensorboard_run"] = None if log_dir is None else log_dir.name
                     if context.is_main:
                         if improved: save_checkpoint(checkpoint_dir / "best.pt", **state)
                         if last or periodic: save_checkpoint(checkpoint_dir / "last.pt", **state)

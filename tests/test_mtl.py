@@ -23,7 +23,7 @@ def cells():
 
 @pytest.fixture(scope="module")
 def annotator(cells):
-    return HierarchicalAnnotator(levels=LEVELS).fit(cells, epochs=15, patience=5, seed=0)
+    return HierarchicalAnnotator(label_keys=LEVELS).fit(cells, epochs=15, patience=5, seed=0)
 
 
 def test_seed_parameter_count():
@@ -35,11 +35,11 @@ def test_learns_and_is_consistent_with_joint_decoding(annotator, cells):
     val = cells[annotator.val_indices_]
     scores = score_predictions(annotator.predict(val), val.obs, LEVELS)
     assert scores.loc["anno_lv1", "accuracy"] > 0.8, scores
-    assert consistency_rate(annotator.predict(val, decoding="joint"), annotator.hierarchy) == 1.0
+    assert consistency_rate(annotator.predict(val, decoding="joint"), annotator.hierarchy_) == 1.0
 
 
 def test_same_seed_same_predictions(cells, annotator):
-    again = HierarchicalAnnotator(levels=LEVELS).fit(cells, epochs=15, patience=5, seed=0)
+    again = HierarchicalAnnotator(label_keys=LEVELS).fit(cells, epochs=15, patience=5, seed=0)
     pd.testing.assert_frame_equal(again.predict(cells), annotator.predict(cells))
 
 
@@ -69,26 +69,26 @@ def test_nan_labels(cells):
     bad.obs["anno_lv2"] = bad.obs["anno_lv2"].astype(object)
     bad.obs.iloc[0, bad.obs.columns.get_loc("anno_lv2")] = np.nan
     with pytest.raises(ValueError, match="have no 'anno_lv2' label"):
-        HierarchicalAnnotator(levels=LEVELS).fit(bad)
+        HierarchicalAnnotator(label_keys=LEVELS).fit(bad)
 
 
 def test_fine_label_with_two_parents(cells):
     bad = cells[:100].copy()
     bad.obs["anno_lv3"] = "one name for everything"
     with pytest.raises(ValueError, match="must have exactly one parent"):
-        HierarchicalAnnotator(levels=LEVELS).fit(bad)
+        HierarchicalAnnotator(label_keys=LEVELS).fit(bad)
 
 
 def test_level_with_a_single_class(cells):
     bad = cells[:100].copy()
     bad.obs["root"] = "cell"
     with pytest.raises(ValueError, match="single class"):
-        HierarchicalAnnotator(levels=["root", *LEVELS]).fit(bad)
+        HierarchicalAnnotator(label_keys=["root", *LEVELS]).fit(bad)
 
 
 def test_empty_anndata(annotator, cells):
     with pytest.raises(ValueError, match="is empty"):
-        HierarchicalAnnotator(levels=LEVELS).fit(cells[:0])
+        HierarchicalAnnotator(label_keys=LEVELS).fit(cells[:0])
     with pytest.raises(ValueError, match="is empty"):
         annotator.predict(cells[:0])
 
@@ -96,23 +96,23 @@ def test_empty_anndata(annotator, cells):
 def test_scaled_input_is_refused(cells):
     bad = ad.AnnData(cells.X[:50].toarray() - 1.0, obs=cells.obs.iloc[:50].copy(), var=cells.var.copy())
     with pytest.raises(ValueError, match="looks scaled"):
-        HierarchicalAnnotator(levels=LEVELS).fit(bad)
+        HierarchicalAnnotator(label_keys=LEVELS).fit(bad)
 
 
 def test_save_load_round_trip(annotator, cells, tmp_path):
     annotator.save(tmp_path / "model")
     loaded = HierarchicalAnnotator.load(tmp_path / "model")
     pd.testing.assert_frame_equal(loaded.predict(cells), annotator.predict(cells))
-    assert loaded.genes == annotator.genes and loaded.hierarchy.classes == annotator.hierarchy.classes
+    assert loaded.genes_ == annotator.genes_ and loaded.hierarchy_.classes == annotator.hierarchy_.classes
 
 
 def test_loading_a_directory_that_is_not_a_saved_model(tmp_path):
     with pytest.raises(CheckpointError, match="has no model.pt"):
         HierarchicalAnnotator.load(tmp_path)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         HierarchicalAnnotator.load(tmp_path / "missing")
     save_checkpoint(tmp_path / "model.pt", epoch=0, model={})
-    with pytest.raises(CheckpointError, match="not a HierarchicalAnnotator"):
+    with pytest.raises(CheckpointError, match="training checkpoint, not a saved model"):
         HierarchicalAnnotator.load(tmp_path)
     (tmp_path / "model.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -124,6 +124,6 @@ def test_mismatched_weights_are_named(annotator, tmp_path):
     import torch
     state = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     state["model"]["heads.0.weight"] = torch.zeros(2, 2)
-    torch.save(state, tmp_path / "model" / "model.pt")
+    torch.save(state, tmp_path / "model" / "model.pt")  # a hand-edited file (the test's own doing)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         HierarchicalAnnotator.load(tmp_path / "model")
