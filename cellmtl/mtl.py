@@ -459,6 +459,18 @@ def score(self:HierarchicalAnnotator,
     scores["consistency"] = [consistency_rate(predictions, self.hierarchy_, k + 1) for k in range(len(levels))]
     return scores
 
+# %% ../nbs/10_mtl.ipynb #8c51b200
+@patch
+def _embed(self:HierarchicalAnnotator,
+           query:ad.AnnData, # cells (in memory or backed); genes aligned by name
+           batch_size:int=8192, # cells per forward pass
+          ) -> np.ndarray:
+    "(N, hidden_sizes[-1]) output of the shared trunk: the representation every level's head reads."
+    query, model = self._aligned(query), self.model_.eval()
+    device = next(model.parameters()).device
+    loader = CSRBatchLoader(query, batch_size=batch_size, shuffle=False, transform="binarize", sparse=True, rank=0, world_size=1)
+    with torch.inference_mode(): return np.concatenate([model.shared(batch["x"].to(device)).float().cpu().numpy() for batch in loader])
+
 # %% ../nbs/10_mtl.ipynb #cf8ceed0
 ANNOTATOR_KIND = HierarchicalAnnotator.kind
 

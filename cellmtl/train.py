@@ -641,7 +641,7 @@ def _resume_path(config:TrainConfig) -> Path|None:
 
 def _cpu_copy(state_dict:Mapping) -> dict: return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
-# %% ../nbs/02_train.ipynb #889c21e9
+# %% ../nbs/02_train.ipynb #2172840e
 def _restore(state:dict, path:Path, model, optimizer, schedule, scaler, stopper, history, config, context):
     "Load a training checkpoint into the run's objects; returns (first epoch to run, best weights or None)."
     source = f"checkpoint {path}"
@@ -679,16 +679,7 @@ def _restore(state:dict, path:Path, model, optimizer, schedule, scaler, stopper,
         elif stopper.best_epoch == state["epoch"]: best_state = _cpu_copy(state["model"])
     return int(state["epoch"]) + 1, best_state
 
-def _training_state(epoch, model, optimizer, schedule, scaler, stopper, history, best_state, config, context) -> dict:
-    "Everything a resumed run needs (a collective under DDP: all ranks call it, rank 0 writes it)."
-    return {"epoch": epoch, "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": None if schedule is None else schedule.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-            "early_stopping": stopper.state_dict(), "history": history.state_dict(),
-            "best_model": best_state if (best_state is not None and stopper.best_epoch != epoch) else None,
-            "config": config_to_dict(config), "rng": gather_objects(rng_state(), context),
-            "world_size": context.world_size}
-
+# %% ../nbs/02_train.ipynb #8b82d7ec
 def _tensorboard_root(config:TrainConfig) -> Path|None:
     if config.tensorboard is False: return None
     if config.tensorboard is None or config.tensorboard is True:
@@ -721,7 +712,119 @@ def _check_run_dir(config:TrainConfig, context) -> None:
     if context.is_main:
         for path in found: path.unlink(missing_ok=True)
 
-# %% ../nbs/02_train.ipynb #3e8776cb
+# %% ../nbs/02_train.ipynb #a7ca240a
+@dataclass
+class _Run:
+    "The objects of one `fit` run (built by `_start_run`, advanced one epoch at a time by `_run_epoch`)."
+    model:nn.Module  # the plain model
+    network:nn.Module  # the model, or its DDP wrapper under torchrun
+    device:torch.device
+    context:DistributedContext
+    amp_dtype:torch.dtype|None
+    optimizer:torch.optim.Optimizer
+    schedule:PlateauSchedule|None
+    scaler:Any  # torch.amp.GradScaler for fp16, else None
+    stopper:EarlyStopping
+    history:History
+    checkpoint_dir:Path|None=None
+    best_state:dict|None=None  # CPU copy of the best epoch's weights (restore_best)
+    start_epoch:int=0
+    log_dir:Path|None=None  # this run's TensorBoard folder
+    writer:Any=None
+    bar:Any=None
+
+    def close(self):
+        if self.bar is not None: self.bar.close()
+        if self.writer is not None: self.writer.close()
+
+def _start_run(model:nn.Module, train_loader, config:TrainConfig, device:torch.device, context:DistributedContext) -> _Run:
+    "Move, seed and wrap the model; build the optimizer, schedule, scaler and stopper; resume; open TensorBoard and the bar."
+    amp_dtype = resolve_amp(config.amp, device)
+    model.to(device)
+    seed_everything((config.seed + context.rank) % 2**32)
+    network = wrap_model(model, context, device, config.find_unused_parameters)
+    if context.enabled and getattr(train_loader, "world_size", None) == 1:
+        raise ValueError(f"train_loader was built for world_size=1 but this is rank {context.rank} of {context.world_size}: "
+                         "every rank would train on all the data. Leave its rank/world_size as None (CSRBatchLoader then reads them from torch.distributed), "
+                         "build it after setup_distributed(get_device()), or pass rank= and world_size=")
+    optimizer = make_optimizer(model, config)
+    schedule = None if config.lr_schedule is None else PlateauSchedule(
+        optimizer, config.mode, config.lr_factor, config.lr_patience, config.min_lr, config.warmup_epochs)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    run = _Run(model, network, device, context, amp_dtype, optimizer, schedule, scaler,
+               EarlyStopping(config.monitor, config.mode, config.patience, config.min_delta), History(config.monitor, config.mode),
+               checkpoint_dir=None if config.checkpoint_dir is None else Path(config.checkpoint_dir))
+    _check_run_dir(config, context)
+    resume_path, run_name = _resume_path(config), None
+    if resume_path is not None:
+        resumed = load_checkpoint(resume_path)
+        run.start_epoch, run.best_state = _restore(resumed, resume_path, model, optimizer, schedule, scaler, run.stopper, run.history, config, context)
+        run_name = resumed.get("tensorboard_run")  # continue that run's TensorBoard folder
+        if context.is_main: logger.info("resumed from %s at epoch %d", resume_path, run.start_epoch)
+    run.log_dir = _tensorboard_dir(config, run_name)
+    if context.is_main and run.log_dir is not None:
+        run.writer = open_tensorboard(run.log_dir, purge_step=run.start_epoch if resume_path is not None else None)
+    show = context.is_main and (sys.stderr.isatty() if config.progress is None else bool(config.progress))
+    run.bar = tqdm(total=config.epochs, initial=min(run.start_epoch, config.epochs), desc="fit", unit="epoch",
+                   disable=not show, file=sys.stderr, dynamic_ncols=True)
+    return run
+
+# %% ../nbs/02_train.ipynb #f1a08411
+def _run_epoch(run:_Run, loss_fn:Callable, train_loader, val_loader, epoch:int, config:TrainConfig) -> bool:
+    "Train and validate one epoch, then record it (history, stopper, schedule, TensorBoard, bar); True when `monitor` improved."
+    started, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+    set_loader_epoch(train_loader, epoch)
+    train_metrics = train_one_epoch(run.network, loss_fn, train_loader, run.optimizer, run.device, run.scaler, run.amp_dtype, config.grad_clip)
+    if not train_metrics: raise ValueError(f"train_loader yielded no batches in epoch {epoch}; check its length and drop_last")
+    row = {f"train_{k}": v for k, v in train_metrics.items()}
+    if val_loader is not None:
+        set_loader_epoch(val_loader, epoch)
+        row.update({f"val_{k}": v for k, v in evaluate(unwrap_model(run.network), loss_fn, val_loader, run.device, run.amp_dtype).items()})
+    if not math.isfinite(row["train_loss"]):
+        raise FloatingPointError(f"train_loss is {row['train_loss']} in epoch {epoch}: training diverged; lower lr, "
+                                 "set grad_clip, or check the inputs for NaN/inf (the last checkpoint is intact)")
+    row["lr"], row["seconds"] = lr, time.perf_counter() - started
+    value = row.get(config.monitor)
+    if value is None and not (config.monitor.startswith("val_") and val_loader is None):
+        raise ValueError(f"monitor={config.monitor!r} is not among this epoch's metrics {sorted(row)}; set monitor to "
+                         "one of them (loss_fn's keys prefixed with train_ or val_)")
+    improved = value is not None and run.stopper.step(epoch, value)
+    if improved and config.restore_best: run.best_state = _cpu_copy(unwrap_model(run.network).state_dict())
+    if run.schedule is not None: run.schedule.step(epoch, value)
+    history = run.history
+    history.append(epoch, row)
+    history.best_epoch, history.best_value = run.stopper.best_epoch, run.stopper.best_value
+    history.stopped_early = run.stopper.should_stop and epoch < config.epochs - 1
+    if run.writer is not None: log_scalars(run.writer, row, epoch)
+    run.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "seconds"}, refresh=False)
+    run.bar.update(1)
+    if run.context.is_main: logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+    return improved
+
+def _training_state(epoch:int, run:_Run, config:TrainConfig) -> dict:
+    "Everything a resumed run needs (a collective under DDP: all ranks call it, rank 0 writes it)."
+    stopper, best = run.stopper, run.best_state
+    return {"epoch": epoch, "model": unwrap_model(run.network).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": None if run.schedule is None else run.schedule.state_dict(),
+            "scaler": None if run.scaler is None else run.scaler.state_dict(),
+            "early_stopping": stopper.state_dict(), "history": run.history.state_dict(),
+            "best_model": best if (best is not None and stopper.best_epoch != epoch) else None,
+            "config": config_to_dict(config), "rng": gather_objects(rng_state(), run.context),
+            "world_size": run.context.world_size, "tensorboard_run": None if run.log_dir is None else run.log_dir.name}
+
+def _save_checkpoints(run:_Run, epoch:int, improved:bool, config:TrainConfig):
+    "best.pt when `monitor` improved; last.pt at the end and every `checkpoint_every` epochs (all ranks build the state, rank 0 writes)."
+    if run.checkpoint_dir is None: return
+    last = epoch == config.epochs - 1 or run.history.stopped_early
+    periodic = config.checkpoint_every is not None and (epoch + 1) % config.checkpoint_every == 0
+    if not (last or periodic or improved): return
+    state = _training_state(epoch, run, config)
+    if not run.context.is_main: return
+    if improved: save_checkpoint(run.checkpoint_dir / "best.pt", **state)
+    if last or periodic: save_checkpoint(run.checkpoint_dir / "last.pt", **state)
+    if periodic and config.keep_epoch_checkpoints: save_checkpoint(run.checkpoint_dir / f"epoch_{epoch}.pt", **state)
+
+# %% ../nbs/02_train.ipynb #c00770c8
 def fit(model:nn.Module, # trained in place: moved to the device, best weights restored, left in eval mode
         loss_fn:Callable, # `(model, batch) -> dict` of scalars; 'loss' is back-propagated, other keys are logged
         train_loader:Iterable, # training batches (dicts/tuples/tensors); `set_epoch(epoch)` is called when present
@@ -734,87 +837,20 @@ def fit(model:nn.Module, # trained in place: moved to the device, best weights r
     _check_monitor(config, val_loader)
     device = get_device(config.device)
     context = setup_distributed(device)
-    writer = bar = None
+    run = None
     try:
-        amp_dtype = resolve_amp(config.amp, device)
-        model.to(device)
-        seed_everything((config.seed + context.rank) % 2**32)
-        network = wrap_model(model, context, device, config.find_unused_parameters)
-        if context.enabled and getattr(train_loader, "world_size", None) == 1:
-            raise ValueError(f"train_loader was built for world_size=1 but this is rank {context.rank} of {context.world_size}: "
-                             "every rank would train on all the data. Leave its rank/world_size as None (CSRBatchLoader then reads them from torch.distributed), "
-                             "build it after setup_distributed(get_device()), or pass rank= and world_size=")
-        optimizer = make_optimizer(model, config)
-        schedule = None if config.lr_schedule is None else PlateauSchedule(
-            optimizer, config.mode, config.lr_factor, config.lr_patience, config.min_lr, config.warmup_epochs)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        stopper = EarlyStopping(config.monitor, config.mode, config.patience, config.min_delta)
-        history = History(config.monitor, config.mode)
-        best_state, start_epoch, run_name = None, 0, None
-        _check_run_dir(config, context)
-        resume_path = _resume_path(config)
-        if resume_path is not None:
-            resumed = load_checkpoint(resume_path)
-            start_epoch, best_state = _restore(resumed, resume_path, model, optimizer, schedule, scaler, stopper, history, config, context)
-            run_name = resumed.get("tensorboard_run")  # continue that run's TensorBoard folder
-            if context.is_main: logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
-        checkpoint_dir = None if config.checkpoint_dir is None else Path(config.checkpoint_dir)
-        log_dir = _tensorboard_dir(config, run_name)
-        if context.is_main and log_dir is not None:
-            writer = open_tensorboard(log_dir, purge_step=start_epoch if resume_path is not None else None)
-        show = context.is_main and (sys.stderr.isatty() if config.progress is None else bool(config.progress))
-        bar = tqdm(total=config.epochs, initial=min(start_epoch, config.epochs), desc="fit", unit="epoch",
-                   disable=not show, file=sys.stderr, dynamic_ncols=True)
-        epoch = start_epoch - 1
-        for epoch in range(start_epoch, config.epochs):
-            if history.stopped_early: break  # resumed from a run that had already stopped
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            set_loader_epoch(train_loader, epoch)
-            train_metrics = train_one_epoch(network, loss_fn, train_loader, optimizer, device, scaler, amp_dtype, config.grad_clip)
-            if not train_metrics:
-                raise ValueError(f"train_loader yielded no batches in epoch {epoch}; check its length and drop_last")
-            row = {f"train_{k}": v for k, v in train_metrics.items()}
-            if val_loader is not None:
-                set_loader_epoch(val_loader, epoch)
-                row.update({f"val_{k}": v for k, v in evaluate(unwrap_model(network), loss_fn, val_loader, device, amp_dtype).items()})
-            if not math.isfinite(row["train_loss"]):
-                raise FloatingPointError(f"train_loss is {row['train_loss']} in epoch {epoch}: training diverged; lower lr, "
-                                         "set grad_clip, or check the inputs for NaN/inf (the last checkpoint is intact)")
-            row["lr"], row["seconds"] = lr, time.perf_counter() - started
-            value = row.get(config.monitor)
-            if value is None and not (config.monitor.startswith("val_") and val_loader is None):
-                raise ValueError(f"monitor={config.monitor!r} is not among this epoch's metrics {sorted(row)}; set monitor to "
-                                 "one of them (loss_fn's keys prefixed with train_ or val_)")
-            improved = value is not None and stopper.step(epoch, value)
-            if improved and config.restore_best: best_state = _cpu_copy(unwrap_model(network).state_dict())
-            if schedule is not None: schedule.step(epoch, value)
-            history.append(epoch, row)
-            history.best_epoch, history.best_value = stopper.best_epoch, stopper.best_value
-            history.stopped_early = stopper.should_stop and epoch < config.epochs - 1
-            if writer is not None: log_scalars(writer, row, epoch)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "seconds"}, refresh=False)
-            bar.update(1)
-            if context.is_main:
-                logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
-            if checkpoint_dir is not None:
-                last = epoch == config.epochs - 1 or history.stopped_early
-                periodic = config.checkpoint_every is not None and (epoch + 1) % config.checkpoint_every == 0
-                if last or periodic or improved:
-                    state = _training_state(epoch, network, optimizer, schedule, scaler, stopper, history, best_state, config, context)
-                    state["tensorboard_run"] = None if log_dir is None else log_dir.name
-                    if context.is_main:
-                        if improved: save_checkpoint(checkpoint_dir / "best.pt", **state)
-                        if last or periodic: save_checkpoint(checkpoint_dir / "last.pt", **state)
-                        if periodic and config.keep_epoch_checkpoints: save_checkpoint(checkpoint_dir / f"epoch_{epoch}.pt", **state)
-            if history.stopped_early:
-                if context.is_main: logger.info("early stopping after epoch %d; best epoch %s", epoch, stopper.best_epoch)
+        run = _start_run(model, train_loader, config, device, context)
+        for epoch in range(run.start_epoch, config.epochs):
+            if run.history.stopped_early: break  # resumed from a run that had already stopped
+            improved = _run_epoch(run, loss_fn, train_loader, val_loader, epoch, config)
+            _save_checkpoints(run, epoch, improved, config)
+            if run.history.stopped_early:
+                if context.is_main: logger.info("early stopping after epoch %d; best epoch %s", epoch, run.stopper.best_epoch)
                 break
-        if config.restore_best and best_state is not None: load_model_state(unwrap_model(network), best_state, "best weights")
+        if config.restore_best and run.best_state is not None: load_model_state(unwrap_model(run.network), run.best_state, "best weights")
         model.eval()
         if context.enabled: dist.barrier()  # rank 0 has finished writing before anyone tears the group down
-        return history
+        return run.history
     finally:
-        if bar is not None: bar.close()
-        if writer is not None: writer.close()
+        if run is not None: run.close()
         teardown_distributed(context)
