@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pyproject.sha256
 PROFILE ?= smoke
 # scGPT's own model code (release 0.2.4, from PyPI, without its dependencies: its torchtext pin does not install
-# beside current torch). Only tests/test_transformer.py reads it, to check that scGPT state dicts load into ours.
+# beside current torch). Only tests/test_scgpt_model.py reads it, to check that scGPT state dicts load into ours.
 SCGPT_REFERENCE := $(VENV)/reference/scgpt-0.2.4
 export CELLMTL_SCGPT_REFERENCE := $(abspath $(SCGPT_REFERENCE))
 

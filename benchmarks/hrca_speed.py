@@ -1,26 +1,16 @@
-"""HRCA Gene-AE pre-training speed at the seed's widths: seconds per step (batch 128, forward + backward + Adam).
+"""HRCA Gene-AE pre-training speed at HRCA's published widths: seconds per step (batch 128, forward + backward + Adam).
 
 For 2,000 and 20,000 genes (input_width 5000, d_model 1024, d_ff 2048, 8 heads, 8 encoder layers), on random
-counts (SIMULATED, Poisson; only the shapes matter here), with the `sdpa` and the explicit `math` attention.
-Also measured in the same process: a large float32 matmul, so the achieved GFLOP/s can be read against it.
-Prints one JSON line.
+counts (SIMULATED, Poisson; only the shapes matter here), with the `sdpa` and the explicit `math` attention of
+`cellmtl.nn` (HRCA's feature-token attention calls it). Also measured in the same process: a large float32 matmul,
+so the achieved GFLOP/s can be read against it. Prints one JSON line.
 """
 import argparse
 import json
-import time
 
 import torch
 
-
-def _matmul_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(f) -> float:
-    t0 = time.perf_counter(); f(); return time.perf_counter() - t0
+import _common
 
 
 def measure(n_genes: int, attention: str, batch_size: int, steps: int, device: str) -> dict:
@@ -34,12 +24,9 @@ def measure(n_genes: int, attention: str, batch_size: int, steps: int, device: s
     def step():
         loss = loss_fn(model, batch)["loss"]
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
-        if device.startswith("cuda"): torch.cuda.synchronize()
 
-    step()  # warm-up (allocations, Adam state)
-    times = [_timed(step) for _ in range(steps)]
+    seconds = _common.median(_common.repeat_timed(step, steps, warmup=1, sync=_common.device_sync(device)))  # warm-up: allocations, Adam state
     n_params = sum(p.numel() for p in model.parameters())
-    seconds = sorted(times)[len(times) // 2]
     return {"genes": n_genes, "attention": attention, "params": n_params, "seconds_per_step": round(seconds, 4),
             "cells_per_s": round(batch_size / seconds, 1), "approx_gflops": round(6 * n_params * batch_size / seconds / 1e9, 1)}
 
@@ -54,7 +41,8 @@ def main():
     a = p.parse_args()
     rows = [measure(g, att, a.batch_size, a.steps, a.device) for g in a.genes for att in a.attention]
     print(json.dumps({"benchmark": "hrca_speed", "device": a.device, "threads": torch.get_num_threads(), "batch_size": a.batch_size,
-                      "matmul_gflops": round(_matmul_gflops(), 1), "settings": rows,
+                      "matmul_gflops": round(_common.matmul_gflops(device=a.device), 1), "peak_rss_mb": round(_common.peak_rss_mb(), 1),
+                      "settings": rows,
                       "note": "approx_gflops = 6 x params x batch / step time (dense-equivalent; attention FLOPs not counted)"}))
 
 

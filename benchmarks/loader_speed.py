@@ -1,4 +1,4 @@
-"""CSRBatchLoader vs the seed-style dense reference: one epoch of binarised mini-batches.
+"""CSRBatchLoader vs the dense reference of the published PH-Map code: one epoch of binarised mini-batches.
 
 Data: `simulate_hierarchy` (SIMULATED negative-binomial counts, density 0.1), simulated once by the parent and
 saved as a CSR .npz. Each contender runs in its own child process that loads that file, so its peak RSS
@@ -7,15 +7,9 @@ saved as a CSR .npz. Each contender runs in its own child process that loads tha
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
-
-def _peak_rss_mb() -> float:
-    "Peak resident set size of this process in MiB (Linux reports KiB)."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _common import median, peak_rss_mb, run_child, timed
 
 
 def _contender(name: str, path: str, batch_size: int, seed: int, epochs: int) -> dict:
@@ -25,11 +19,11 @@ def _contender(name: str, path: str, batch_size: int, seed: int, epochs: int) ->
     import torch
     X = sp.load_npz(path).tocsr()
     cells, genes = X.shape
-    base_mb = _peak_rss_mb()
+    base_mb = peak_rss_mb()
     out = {"nnz": int(X.nnz), "csr_mb": (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20,
            "dense_mb": cells * genes * 4 / 2**20, "rss_after_load_mb": base_mb}
     if name == "reference":
-        # the seed's path: densify the whole matrix once, binarise, TensorDataset -> DataLoader(batch, shuffle)
+        # the published PH-Map data path: densify the whole matrix once, binarise, TensorDataset -> DataLoader(batch, shuffle)
         t0 = time.perf_counter()
         dense = torch.from_numpy((X.toarray() > 0).astype(np.float32))
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(dense), batch_size=batch_size, shuffle=True,
@@ -40,16 +34,19 @@ def _contender(name: str, path: str, batch_size: int, seed: int, epochs: int) ->
         t0 = time.perf_counter()
         loader = CSRBatchLoader(X, batch_size=batch_size, shuffle=True, seed=seed, transform="binarize")
         setup_s = time.perf_counter() - t0
-    times = []
-    for epoch in range(epochs):  # several epochs: one is too short to time reliably
-        if hasattr(loader, "set_epoch"): loader.set_epoch(epoch)
-        t0 = time.perf_counter(); n = 0; checksum = 0.0
+    seen = {}
+    def one_epoch():
+        "Iterate the loader once; count the cells and sum the first gene (a checksum both contenders must agree on)."
+        n, checksum = 0, 0.0
         for batch in loader:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch["x"]  # (B, G) float32
             n += x.shape[0]; checksum += float(x[:, 0].sum())
-        times.append(time.perf_counter() - t0)
-    epoch_s = sorted(times)[len(times) // 2]  # median epoch
-    out.update(setup_s=setup_s, epoch_s=epoch_s, cells_seen=n, nonzero_first_gene=checksum, peak_rss_mb=_peak_rss_mb())
+        seen.update(n=n, checksum=checksum)
+    times = []
+    for epoch in range(epochs):  # several epochs: one is too short to time reliably
+        if hasattr(loader, "set_epoch"): loader.set_epoch(epoch)
+        times.append(timed(one_epoch))
+    out.update(setup_s=setup_s, epoch_s=median(times), cells_seen=seen["n"], nonzero_first_gene=seen["checksum"], peak_rss_mb=peak_rss_mb())
     return out
 
 
@@ -71,17 +68,16 @@ def main():
     from cellmtl.datasets import simulate_hierarchy
     t0 = time.perf_counter()
     X = simulate_hierarchy(a.cells, a.genes, density=a.density, seed=a.seed).X
-    simulate_s, simulate_peak_mb = time.perf_counter() - t0, _peak_rss_mb()
+    simulate_s, simulate_peak_mb = time.perf_counter() - t0, peak_rss_mb()
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "counts.npz")
         sp.save_npz(path, X, compressed=False); del X
         for name in ("reference", "cellmtl"):
-            cmd = [sys.executable, __file__, "--child", name, "--matrix", path, "--batch-size", str(a.batch_size), "--seed", str(a.seed),
-                   "--epochs", str(a.epochs)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
-            res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            res[name] = run_child(__file__, "--child", name, "--matrix", path, "--batch-size", a.batch_size, "--seed", a.seed,
+                                  "--epochs", a.epochs)
     ref, new = res["reference"], res["cellmtl"]
+    extra = lambda r: max(r["peak_rss_mb"] - r["rss_after_load_mb"], 0.0)  # MiB a contender allocates above the loaded matrix
     assert ref["cells_seen"] == new["cells_seen"] == a.cells and abs(ref["nonzero_first_gene"] - new["nonzero_first_gene"]) < 0.5
     line = {
         "benchmark": "loader_speed", "data": "simulate_hierarchy (simulated)", "cells": a.cells, "genes": a.genes,
@@ -95,7 +91,7 @@ def main():
         "cellmtl_extra_rss_mb": round(new["peak_rss_mb"] - new["rss_after_load_mb"], 1),
         "reference_peak_rss_mb": round(ref["peak_rss_mb"], 1), "cellmtl_peak_rss_mb": round(new["peak_rss_mb"], 1),
         "peak_rss_ratio": round(new["peak_rss_mb"] / ref["peak_rss_mb"], 3),
-        "extra_rss_ratio": round(max(new["peak_rss_mb"] - new["rss_after_load_mb"], 0) / (ref["peak_rss_mb"] - ref["rss_after_load_mb"]), 3),
+        "extra_rss_ratio": round(extra(new) / extra(ref), 3) if extra(ref) > 0 else None,  # None: too small to allocate measurably
     }
     print(json.dumps(line))
 

@@ -1,11 +1,11 @@
-"""PH-Map training and inference speed: cellmtl vs a seed-faithful reference, in one run.
+"""PH-Map training and inference speed: cellmtl vs a reference faithful to the published PH-Map code, in one run.
 
-Data: `simulate_hierarchy` (SIMULATED negative-binomial counts over the seed's (6, 19, 30, 55)-class tree,
+Data: `simulate_hierarchy` (SIMULATED negative-binomial counts over the PH-Map paper's (6, 19, 30, 55)-class tree,
 density 0.1), simulated once by the parent and saved as a CSR .npz plus label codes. Each contender trains
 the same `PHMapNet` (2,000 genes -> 200 -> 100 -> four heads, 431,410 parameters) with the same weighted loss,
 batch 128, shuffled, in its own child process, so its peak RSS (ru_maxrss) is its own.
 
-- reference: the seed's data path: whole matrix `.toarray()` -> binarise -> `TensorDataset` -> `DataLoader(batch 128,
+- reference: the published PH-Map data path: whole matrix `.toarray()` -> binarise -> `TensorDataset` -> `DataLoader(batch 128,
   shuffle)`, a plain loop with `torch.optim.Adam`; inference: dense forward over the dense matrix in batches of 8,192.
 - cellmtl: `CSRBatchLoader(transform="binarize")` -> `cellmtl.train.fit` with `PHMapLoss` and the fused `adam`
   (the engine: per-epoch bookkeeping, the same loop every cellmtl model uses);
@@ -20,30 +20,11 @@ Prints one JSON line.
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
+from _common import matmul_gflops, median, peak_rss_mb, run_child
+
 LEVELS = ["anno_lv1", "anno_lv2", "anno_lv3", "anno_lv4"]
-
-
-def _peak_rss_mb() -> float:
-    "Peak resident set size of this process in MiB (Linux reports KiB)."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    "Best GFLOP/s of an (n x n) @ (n x n) float32 matmul in this process."
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(f) -> float:
-    t0 = time.perf_counter(); f(); return time.perf_counter() - t0
 
 
 def _train_flops_per_cell(n_genes: int, hidden=(200, 100), n_classes=(6, 19, 30, 55)) -> float:
@@ -71,7 +52,7 @@ def _contender(name: str, matrix: str, labels: str, batch_size: int, seed: int, 
     codes = dict(np.load(labels))
     n_cells, n_genes = X.shape
     n_classes = tuple(int(codes[level].max()) + 1 for level in LEVELS)
-    out = {"rss_after_load_mb": _peak_rss_mb(), "matmul_gflops": _matmul_gflops(), "threads": torch.get_num_threads()}
+    out = {"rss_after_load_mb": peak_rss_mb(), "matmul_gflops": matmul_gflops(), "threads": torch.get_num_threads()}
     torch.manual_seed(seed)
     model = PHMapNet(n_genes, n_classes)
     if name == "reference":
@@ -88,7 +69,7 @@ def _contender(name: str, matrix: str, labels: str, batch_size: int, seed: int, 
                 loss, _ = hierarchical_loss(model(x), targets, PHMAP_TASK_WEIGHTS)
                 optimizer.zero_grad(); loss.backward(); optimizer.step()
             times.append(time.perf_counter() - t0)
-        out["train_peak_rss_mb"] = _peak_rss_mb()
+        out["train_peak_rss_mb"] = peak_rss_mb()
         model.eval()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -104,32 +85,32 @@ def _contender(name: str, matrix: str, labels: str, batch_size: int, seed: int, 
         history = fit(model, PHMapLoss(LEVELS, PHMAP_TASK_WEIGHTS), loader, epochs=epochs, optimizer=adam, monitor="train_loss",
                       seed=seed, progress=False, device="cpu")
         times = history.df["seconds"].tolist()
-        out["train_peak_rss_mb"] = _peak_rss_mb()
+        out["train_peak_rss_mb"] = peak_rss_mb()
         # inference through the user API: wrap the trained network in an annotator
         import anndata as ad
         import pandas as pd
         obs = pd.DataFrame({level: pd.Categorical(codes[level].astype(str)) for level in LEVELS})
-        annotator = HierarchicalAnnotator(levels=LEVELS)
-        annotator.hierarchy = LabelHierarchy(obs, LEVELS)
+        annotator = HierarchicalAnnotator(label_keys=LEVELS)
+        annotator.hierarchy_ = LabelHierarchy(obs, LEVELS)
         # the hierarchy sorts class names as strings: map the model's integer heads onto that order
-        order = [np.array([int(c) for c in annotator.hierarchy.classes[level]]) for level in LEVELS]
+        order = [np.array([int(c) for c in annotator.hierarchy_.classes[level]]) for level in LEVELS]
         with torch.no_grad():
             for head, o in zip(model.heads, order):
                 head.weight.copy_(head.weight[torch.from_numpy(o)]); head.bias.copy_(head.bias[torch.from_numpy(o)])
-        annotator.model_, annotator.genes = model.eval(), [f"gene_{i}" for i in range(n_genes)]
-        same = ad.AnnData(X, obs=pd.DataFrame(index=[f"cell_{i}" for i in range(n_cells)]), var=pd.DataFrame(index=annotator.genes))
+        annotator.model_, annotator.genes_ = model.eval(), [f"gene_{i}" for i in range(n_genes)]
+        same = ad.AnnData(X, obs=pd.DataFrame(index=[f"cell_{i}" for i in range(n_cells)]), var=pd.DataFrame(index=annotator.genes_))
         t0 = time.perf_counter(); annotator.predict(same); out["infer_same_cells_per_s"] = n_cells / (time.perf_counter() - t0)
         if infer_cells:
             from cellmtl.datasets import simulate_hierarchy
             t0 = time.perf_counter()
             query = simulate_hierarchy(infer_cells, n_genes, density=0.1, seed=seed + 1)
             out["simulate_query_s"] = time.perf_counter() - t0
-            query.var_names = annotator.genes
+            query.var_names = annotator.genes_
             t0 = time.perf_counter(); predictions = annotator.predict(query)
             out["infer_1m_s"] = time.perf_counter() - t0
             out["infer_1m_cells_per_s"] = infer_cells / out["infer_1m_s"]
             out["infer_1m_cells"] = len(predictions)
-    out["epoch_s"] = sorted(times)[len(times) // 2]  # median epoch of this child
+    out["epoch_s"] = median(times)  # median epoch of this child
     out["epochs_s"] = times
     return out
 
@@ -166,11 +147,9 @@ def main():
         for repeat in range(a.repeats):
             for name in ("reference", "cellmtl"):
                 infer_cells = a.infer_cells if repeat == a.repeats - 1 else 0  # the 1M-cell prediction once
-                cmd = [sys.executable, __file__, "--child", name, "--matrix", matrix, "--labels", labels, "--batch-size", str(a.batch_size),
-                       "--seed", str(a.seed), "--epochs", str(a.epochs), "--infer-cells", str(infer_cells)]
-                done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-                if done.returncode: sys.exit(f"{name} child failed:\n{done.stderr[-3000:]}")
-                res.setdefault(name, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+                res.setdefault(name, []).append(run_child(__file__, "--child", name, "--matrix", matrix, "--labels", labels,
+                                                          "--batch-size", a.batch_size, "--seed", a.seed, "--epochs", a.epochs,
+                                                          "--infer-cells", infer_cells))
     def best(runs):
         "One record per contender: the fastest epoch and inference over repeats, the largest memory."
         out = dict(runs[-1])
@@ -193,7 +172,7 @@ def main():
         "reference_peak_rss_mb": round(ref["train_peak_rss_mb"], 1), "cellmtl_peak_rss_mb": round(new["train_peak_rss_mb"], 1),
         "peak_rss_ratio": round(new["train_peak_rss_mb"] / ref["train_peak_rss_mb"], 3),
         "reference_extra_rss_mb": round(extra(ref), 1), "cellmtl_extra_rss_mb": round(extra(new), 1),
-        "extra_rss_ratio": round(extra(new) / extra(ref), 3),
+        "extra_rss_ratio": round(extra(new) / extra(ref), 3) if extra(ref) > 0 else None,  # None: too small to allocate measurably
         "reference_infer_cells_per_s": round(ref["infer_same_cells_per_s"]), "cellmtl_infer_cells_per_s": round(new["infer_same_cells_per_s"]),
         "infer_speedup": round(new["infer_same_cells_per_s"] / ref["infer_same_cells_per_s"], 2),
         "cellmtl_infer_1m_cells_per_s": round(new.get("infer_1m_cells_per_s", float("nan"))), "infer_cells": a.infer_cells,

@@ -24,7 +24,7 @@ from .train import CheckpointError, History, get_device, load_checkpoint, save_c
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONFIG_FILE', 'HISTORY_FILE', 'MODEL_FILES', 'TRAINING_FILES', 'KINDS', 'describe_model_dir',
-           'BaseModel', 'read_model_dir', 'model_class', 'loader_name', 'load']
+           'BaseModel', 'label_predictions', 'read_model_dir', 'model_class', 'loader_name', 'load']
 
 # %% ../nbs/04_base.ipynb #45ceb5b7
 MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.pt", "config.json", "history.csv"
@@ -139,7 +139,19 @@ def annotate(self:BaseModel,
     adata.uns[key_added] = record
     return adata
 
-# %% ../nbs/04_base.ipynb #6a811fba
+# %% ../nbs/04_base.ipynb #d1b35cdd
+def label_predictions(probabilities:pd.DataFrame, # (N, C) class probabilities; columns are the class names, index the cells
+                      label_key:str, # the label column: gives predicted_<label_key> and predicted_<label_key>_prob
+                      gene_alignment=None, # the query's GeneAlignment report, kept in `attrs` (and by annotate in uns)
+                     ) -> pd.DataFrame:
+    "predicted_<label_key> (categorical over the classes, argmax) and predicted_<label_key>_prob (float32) per cell."
+    values = probabilities.to_numpy()
+    table = pd.DataFrame({f"predicted_{label_key}": pd.Categorical.from_codes(values.argmax(1), categories=list(probabilities.columns)),
+                          f"predicted_{label_key}_prob": values.max(1).astype(np.float32)}, index=probabilities.index)
+    table.attrs["gene_alignment"] = gene_alignment if gene_alignment is not None else probabilities.attrs.get("gene_alignment")
+    return table
+
+# %% ../nbs/04_base.ipynb #aa5d75e3
 def _jsonable(value):
     "A config value as JSON (tuples become lists; anything else unusual its repr)."
     if isinstance(value, dict): return {str(k): _jsonable(v) for k, v in value.items()}
@@ -173,7 +185,7 @@ def save(self:BaseModel,
         if (directory / stale).exists(): (directory / stale).unlink()  # an earlier model's, which would describe another run
     return directory
 
-# %% ../nbs/04_base.ipynb #15348738
+# %% ../nbs/04_base.ipynb #7b08c9e9
 def read_model_dir(directory:str|Path, # a folder written by a model's save
                    device:str|torch.device="cpu", # where tensors are loaded ("auto": the best available)
                   ) -> dict:
@@ -212,7 +224,7 @@ def loader_name(kind:str) -> str:
     module = KINDS.get(kind, getattr(cls, "__module__", "?"))
     return f"{module}.{cls.__qualname__ if cls else kind.rsplit('.', 1)[-1]}.load(dir)"
 
-# %% ../nbs/04_base.ipynb #fbfc6b69
+# %% ../nbs/04_base.ipynb #795360fb
 @patch(cls_method=True)
 def load(cls:BaseModel,
          directory:str|Path, # a folder written by `save`

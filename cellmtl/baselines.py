@@ -14,10 +14,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from fastcore.basics import patch
 from scipy.special import logsumexp
 
-from .data import LabelHierarchy, align_genes, check_counts, looks_log_transformed, stratified_split
-from .data import _repeated_names, _require_columns  # the data layer's error-message helpers
+from .data import LabelHierarchy, align_genes, check_counts, looks_log_transformed, normalize_log1p, stratified_split
+from .data import repeated_names, require_columns, row_indices  # the data layer's error-message helpers
 from .metrics import per_level_summary
 
 logger = logging.getLogger("cellmtl.baselines")
@@ -27,19 +28,6 @@ __all__ = ['logger', 'log_normalized', 'training_rows', 'training_genes', 'PerLe
            'score_levels', 'CellTypistAnnotator', 'SingleTaskAnnotator']
 
 # %% ../nbs/11_baselines.ipynb #c9dc3862
-def _log1p_per_cell(
-    X:sp.csr_matrix, # (n_cells, n_genes) counts
-    target_sum:float=1e4, # total every cell is scaled to before log1p
-) -> sp.csr_matrix:
-    "CSR float32 `log1p` of each row scaled to `target_sum` (as `normalize_log1p`, without densifying); empty rows stay zero."
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    X.sum_duplicates()
-    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()  # (n_cells,)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)  # (n_cells,)
-    X.data *= np.repeat(scale, np.diff(X.indptr)).astype(np.float32)  # (nnz,) each value times its cell's scale
-    np.log1p(X.data, out=X.data)
-    return X
-
 def log_normalized(
     adata:ad.AnnData, # cells (in memory or backed); X holds raw counts or log1p-normalised values
     rows=None, # sorted int row indices to read; None: every cell
@@ -60,49 +48,39 @@ def log_normalized(
         block = X[rows[start:start + block_rows]]  # in-memory copy, or one read from disk for backed data
         block = sp.csr_matrix(block, dtype=np.float32) if sp.issparse(block) else sp.csr_matrix(np.asarray(block, dtype=np.float32))
         block.sum_duplicates()  # canonical CSR (sorted indices): the same matrix always gives the same solver path
-        blocks.append(_log1p_per_cell(block, target_sum) if from_counts else block)
+        blocks.append(normalize_log1p(block, target_sum) if from_counts else block)
     if not blocks: return sp.csr_matrix((0, adata.n_vars), dtype=np.float32), note
     return (blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")), note
 
 # %% ../nbs/11_baselines.ipynb #25b26ab2
-def _as_rows(indices, n_obs:int, name:str) -> np.ndarray:
-    "Sorted unique int64 row indices, checked against `n_obs`."
-    rows = np.asarray(indices)
-    if rows.dtype == bool: raise TypeError(f"{name} is a boolean mask; pass integer row indices, e.g. np.flatnonzero(mask).")
-    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
-        raise TypeError(f"{name} must be a 1-D array of integer row indices, got dtype {rows.dtype} and shape {rows.shape}.")
-    if rows.size and (rows.min() < 0 or rows.max() >= n_obs):
-        raise IndexError(f"{name} must lie in [0, {n_obs:,}) (adata has {n_obs:,} cells), got min {rows.min()}, max {rows.max()}.")
-    return np.unique(rows).astype(np.int64)
-
 def training_rows(
     adata:ad.AnnData, # the training AnnData
-    levels:list, # obs label columns, coarse to fine
-    train_indices=None, # int row indices to train on; None: every cell labelled at all levels, minus val_indices
-    val_indices=None, # int row indices held out for validation (early stopping); None: none
+    label_keys:list, # obs label columns, coarse to fine
+    train_indices=None, # rows to train on (int indices or a boolean mask); None: every cell labelled at all levels, minus val_indices
+    val_indices=None, # rows held out for validation (early stopping); None: none
 ) -> tuple[np.ndarray, np.ndarray]:
     "(train, val) sorted int64 row indices; checks the label columns exist and the two sets are disjoint."
     if adata.n_obs == 0: raise ValueError("adata has no cells (n_obs == 0); nothing to train on.")
-    _require_columns(adata.obs, levels)
-    val = _as_rows([] if val_indices is None else val_indices, adata.n_obs, "val_indices")
+    require_columns(adata.obs, label_keys)
+    val = row_indices([] if val_indices is None else val_indices, adata.n_obs, "val_indices", allow_empty=True)
     if train_indices is not None:
-        train = _as_rows(train_indices, adata.n_obs, "train_indices")
+        train = row_indices(train_indices, adata.n_obs, "train_indices")
         shared = np.intersect1d(train, val)
         if shared.size: raise ValueError(f"{shared.size:,} cells are in both train_indices and val_indices (e.g. row {shared[0]}); "
                                          "the two sets must be disjoint.")
     else:
-        labelled = adata.obs[list(levels)].notna().all(axis=1).to_numpy()
+        labelled = adata.obs[list(label_keys)].notna().all(axis=1).to_numpy()
         if not labelled.all(): logger.info("%d cells lack a label at some level and are not used for training", int((~labelled).sum()))
         labelled[val] = False
         train = np.flatnonzero(labelled)
-    if train.size == 0: raise ValueError(f"no training cells: no cell outside val_indices is labelled at every level of {list(levels)}.")
+    if train.size == 0: raise ValueError(f"no training cells: no cell outside val_indices is labelled at every level of {list(label_keys)}.")
     return train, val
 
 def training_genes(adata:ad.AnnData) -> list[str]:
     "adata.var_names as a list of str, or a ValueError if a gene name repeats (the model's columns must be unambiguous)."
     genes = pd.Index(adata.var_names).astype(str)
     if genes.has_duplicates:
-        names, n = _repeated_names(genes)
+        names, n = repeated_names(genes)
         raise ValueError(f"adata.var_names repeats {n} gene names ({names}); call adata.var_names_make_unique() "
                          "(or aggregate the repeated genes) before training.")
     return genes.tolist()
@@ -111,11 +89,16 @@ def training_genes(adata:ad.AnnData) -> list[str]:
 class PerLevelAnnotator:
     "Base of the baselines: one independent classifier per annotation level behind `HierarchicalAnnotator`'s fit/predict interface."
     def __init__(self,
-        levels, # obs label columns from coarsest to finest (a str for one level)
+        label_keys, # obs label columns from coarsest to finest (a str for one level)
     ):
-        self.levels = [levels] if isinstance(levels, str) else list(levels)
-        if not self.levels: raise ValueError("levels is empty; pass the obs label columns from coarsest to finest, e.g. ['anno_lv1', 'anno_lv2'].")
-        self.hierarchy, self.genes, self.alignment_ = None, None, None
+        self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+        if not self.label_keys: raise ValueError("label_keys is empty; pass the obs label columns from coarsest to finest, e.g. ['anno_lv1', 'anno_lv2'].")
+        self.hierarchy_, self.genes_, self.alignment_ = None, None, None
+
+    @property
+    def levels(self) -> list[str]:
+        "The annotation levels, coarse to fine (`label_keys`)."
+        return self.label_keys
 
     def _rows(self, adata, train_indices, val_indices) -> tuple[np.ndarray, np.ndarray]:
         "The training and validation rows (subclasses may add a default validation split)."
@@ -130,44 +113,48 @@ class PerLevelAnnotator:
     ):
         "Train one model per level on the training rows; returns self."
         train, val = self._rows(adata, train_indices, val_indices)
-        self.hierarchy = LabelHierarchy(adata.obs.iloc[np.union1d(train, val)], self.levels)  # validates labels: NaN, two parents, ...
+        self.hierarchy_ = LabelHierarchy(adata.obs.iloc[np.union1d(train, val)], self.levels)  # validates labels: NaN, two parents, ...
         self._fit(adata, train, val, seed, **fit_kwargs)
         return self
 
     def _check_fitted(self):
-        if self.hierarchy is None: raise RuntimeError(f"this {type(self).__name__} is not trained yet; call fit(adata) first.")
-
-    def _in_class_order(self, level:str, proba:np.ndarray, classes) -> np.ndarray:
-        "(n_cells, n_classes[level]) probabilities with columns in hierarchy order; classes the model lacks get 0."
-        known = pd.Index(self.hierarchy.classes[level])
-        columns = known.get_indexer([str(name) for name in classes])  # (n_model_classes,)
-        if (columns < 0).any(): raise RuntimeError(f"the {level!r} model predicts classes the hierarchy does not know: "
-                                                   f"{[c for c, i in zip(classes, columns) if i < 0][:5]}")
-        out = np.zeros((proba.shape[0], len(known)), np.float64)  # (n_cells, n_classes)
-        out[:, columns] = proba
-        return out
-
-    def predict_proba(self,
-        query:ad.AnnData, # cells to annotate (genes are aligned to the training genes)
-    ) -> dict:
-        "{level: (n_cells, n_classes) probabilities}, columns in `hierarchy.classes[level]` order, rows summing to 1."
-        self._check_fitted()
-        return {level: self._in_class_order(level, proba, classes) for level, (proba, classes) in self._predict_proba(query).items()}
-
-    def predict(self,
-        query:ad.AnnData, # cells to annotate
-    ) -> pd.DataFrame:
-        "DataFrame indexed by `query.obs_names`: per level `predicted_<level>` (categorical class name) and `predicted_<level>_prob`."
-        columns = {}
-        for level, proba in self.predict_proba(query).items():
-            best = proba.argmax(1)  # (n_cells,)
-            columns[f"predicted_{level}"] = pd.Categorical.from_codes(best, categories=self.hierarchy.classes[level])  # as HierarchicalAnnotator
-            columns[f"predicted_{level}_prob"] = proba[np.arange(len(best)), best]
-        return pd.DataFrame(columns, index=pd.Index(query.obs_names).copy())
+        if self.hierarchy_ is None: raise RuntimeError(f"this {type(self).__name__} is not trained yet; call fit(adata) first.")
 
     def __repr__(self):
-        state = repr(self.hierarchy) if self.hierarchy is not None else "not trained"
-        return f"{type(self).__name__}(levels={self.levels}; {state})"
+        state = repr(self.hierarchy_) if self.hierarchy_ is not None else "not trained"
+        return f"{type(self).__name__}(label_keys={self.label_keys}; {state})"
+
+# %% ../nbs/11_baselines.ipynb #618f83d0
+@patch
+def _in_class_order(self:PerLevelAnnotator, level:str, proba:np.ndarray, classes) -> np.ndarray:
+    "(n_cells, n_classes[level]) probabilities with columns in hierarchy order; classes the model lacks get 0."
+    known = pd.Index(self.hierarchy_.classes[level])
+    columns = known.get_indexer([str(name) for name in classes])  # (n_model_classes,)
+    if (columns < 0).any(): raise RuntimeError(f"the {level!r} model predicts classes the hierarchy does not know: "
+                                               f"{[c for c, i in zip(classes, columns) if i < 0][:5]}")
+    out = np.zeros((proba.shape[0], len(known)), np.float64)  # (n_cells, n_classes)
+    out[:, columns] = proba
+    return out
+
+@patch
+def predict_proba(self:PerLevelAnnotator,
+    query:ad.AnnData, # cells to annotate (genes are aligned to the training genes)
+) -> dict:
+    "{level: (n_cells, n_classes) probabilities}, columns in `hierarchy_.classes[level]` order, rows summing to 1."
+    self._check_fitted()
+    return {level: self._in_class_order(level, proba, classes) for level, (proba, classes) in self._predict_proba(query).items()}
+
+@patch
+def predict(self:PerLevelAnnotator,
+    query:ad.AnnData, # cells to annotate
+) -> pd.DataFrame:
+    "DataFrame indexed by `query.obs_names`: per level `predicted_<level>` (categorical class name) and `predicted_<level>_prob`."
+    columns = {}
+    for level, proba in self.predict_proba(query).items():
+        best = proba.argmax(1)  # (n_cells,)
+        columns[f"predicted_{level}"] = pd.Categorical.from_codes(best, categories=self.hierarchy_.classes[level])  # as HierarchicalAnnotator
+        columns[f"predicted_{level}_prob"] = proba[np.arange(len(best)), best]
+    return pd.DataFrame(columns, index=pd.Index(query.obs_names).copy())
 
 # %% ../nbs/11_baselines.ipynb #8f65ea90
 @dataclass
@@ -181,14 +168,14 @@ class _LogNormalizedAnnotator(PerLevelAnnotator):
 
     def _fit(self, adata, train, val, seed, **fit_kwargs):
         if fit_kwargs: raise TypeError(f"{type(self).__name__}.fit got unexpected arguments {sorted(fit_kwargs)}; "
-                                       "model settings go to the constructor, e.g. LogisticRegressionAnnotator(levels, C=0.5).")
-        self.genes = training_genes(adata)
+                                       "model settings go to the constructor, e.g. LogisticRegressionAnnotator(label_keys, C=0.5).")
+        self.genes_ = training_genes(adata)
         X, self.input_transform_ = log_normalized(adata, train, self.target_sum)  # (n_train, n_genes) CSR
         logger.info("%s: %s", type(self).__name__, self.input_transform_)
-        codes = self.hierarchy.encode(adata.obs.iloc[train])
+        codes = self.hierarchy_.encode(adata.obs.iloc[train])
         self.models_ = {}
         for level in self.levels:
-            labels = np.asarray(self.hierarchy.classes[level], dtype=object)[codes[level]]  # (n_train,) class names
+            labels = np.asarray(self.hierarchy_.classes[level], dtype=object)[codes[level]]  # (n_train,) class names
             one_class = len(set(labels)) == 1
             self.models_[level] = _SingleClass(labels[0]) if one_class else self._fit_level(X, labels, level, seed)
 
@@ -197,7 +184,7 @@ class _LogNormalizedAnnotator(PerLevelAnnotator):
         X, note = log_normalized(query, target_sum=self.target_sum)
         logger.info("%s query: %s", type(self).__name__, note)
         normalized = ad.AnnData(X, obs=pd.DataFrame(index=query.obs_names), var=pd.DataFrame(index=query.var_names))
-        aligned, self.alignment_ = align_genes(normalized, self.genes)
+        aligned, self.alignment_ = align_genes(normalized, self.genes_)
         if self.alignment_.n_missing: logger.warning("%s: %s", type(self).__name__, self.alignment_.summary())
         return aligned.X
 
@@ -210,14 +197,14 @@ class _LogNormalizedAnnotator(PerLevelAnnotator):
 class LogisticRegressionAnnotator(_LogNormalizedAnnotator):
     "One scikit-learn `LogisticRegression` (multinomial, L2) per level on log1p(counts per 10k), sparse throughout."
     def __init__(self,
-        levels, # obs label columns from coarsest to finest
+        label_keys, # obs label columns from coarsest to finest
         C:float=1.0, # inverse L2 regularisation strength
         max_iter:int=1000, # solver iterations per level
         scale:bool=False, # put StandardScaler(with_mean=False) in front (divides genes by their sd, stays sparse)
         solver:str="lbfgs", # scikit-learn solver; lbfgs, saga and newton-cg accept sparse input
         **lr_kwargs, # more LogisticRegression arguments, e.g. class_weight="balanced"
     ):
-        super().__init__(levels)
+        super().__init__(label_keys)
         self.C, self.max_iter, self.scale, self.solver, self.lr_kwargs = C, max_iter, scale, solver, lr_kwargs
 
     def _fit_level(self, X, labels, level, seed):
@@ -233,15 +220,15 @@ class LogisticRegressionAnnotator(_LogNormalizedAnnotator):
 
 # %% ../nbs/11_baselines.ipynb #9f63a88c
 def score_levels(
-    annotator, # a fitted annotator with `predict_proba(query)` and `.hierarchy` (any cellmtl annotator)
+    annotator, # a fitted annotator with `predict_proba(query)` and `.hierarchy_` (any cellmtl annotator)
     adata:ad.AnnData, # labelled cells, with the annotator's level columns in obs
     indices=None, # int row indices to score (e.g. the validation split); None: every cell
 ) -> pd.DataFrame:
     "One row per level: per_level_summary of the annotator's predictions (accuracy, macro-F1, ..., consistency)."
     query = adata if indices is None else adata[np.asarray(indices)]
-    truth = annotator.hierarchy.encode(query)  # raises for label columns missing or classes unseen in training
+    truth = annotator.hierarchy_.encode(query)  # raises for label columns missing or classes unseen in training
     proba = annotator.predict_proba(query)
-    return per_level_summary(truth, {level: p.argmax(1) for level, p in proba.items()}, proba, hierarchy=annotator.hierarchy)
+    return per_level_summary(truth, {level: p.argmax(1) for level, p in proba.items()}, proba, hierarchy=annotator.hierarchy_)
 
 # %% ../nbs/11_baselines.ipynb #94640d5c
 def _import_celltypist():
@@ -277,13 +264,13 @@ _FIXED_CELLTYPIST_ARGS = {
     "use_SGD": "the default solver path passes multi_class= to LogisticRegression, which scikit-learn >= 1.8 removed",
     "with_mean": "centring densifies the training matrix; cellmtl keeps it sparse (with_mean=False)",
     "check_expression": "cellmtl checks the input itself (log_normalized) and passes check_expression=False",
-    "labels": "labels come from the obs columns named in `levels`", "genes": "genes are adata.var_names",
+    "labels": "labels come from the obs columns named in `label_keys`", "genes": "genes are adata.var_names",
 }
 
 class CellTypistAnnotator(_LogNormalizedAnnotator):
     "One CellTypist model per level, trained offline with SGD logistic regression (`celltypist.train(use_SGD=True)`)."
     def __init__(self,
-        levels, # obs label columns from coarsest to finest
+        label_keys, # obs label columns from coarsest to finest
         alpha:float=1e-4, # L2 regularisation strength of the SGD logistic regression (CellTypist's default)
         max_iter:int|None=None, # SGD epochs; None: CellTypist's default (1000 below 50k cells)
         feature_selection:bool=False, # CellTypist's two-pass training on the top genes of a first model
@@ -293,7 +280,7 @@ class CellTypistAnnotator(_LogNormalizedAnnotator):
     ):
         fixed = [key for key in train_kwargs if key in _FIXED_CELLTYPIST_ARGS]
         if fixed: raise ValueError("CellTypistAnnotator sets " + "; ".join(f"{key} itself: {_FIXED_CELLTYPIST_ARGS[key]}" for key in fixed) + ".")
-        super().__init__(levels)
+        super().__init__(label_keys)
         self.alpha, self.max_iter, self.feature_selection, self.top_genes = alpha, max_iter, feature_selection, top_genes
         self.quiet, self.train_kwargs = quiet, train_kwargs
 
@@ -301,14 +288,14 @@ class CellTypistAnnotator(_LogNormalizedAnnotator):
         celltypist = _import_celltypist()
         with _celltypist_session(self.quiet, seed):
             try:
-                model = celltypist.train(X, labels=labels, genes=np.asarray(self.genes), use_SGD=True, with_mean=False,
+                model = celltypist.train(X, labels=labels, genes=np.asarray(self.genes_), use_SGD=True, with_mean=False,
                                          check_expression=False, alpha=self.alpha, max_iter=self.max_iter,
                                          feature_selection=self.feature_selection, top_genes=self.top_genes,
                                          random_state=seed, **self.train_kwargs)
             except Exception as error:
                 raise RuntimeError(f"CellTypist could not train the {level!r} model ({X.shape[0]:,} cells x {X.shape[1]:,} genes, "
                                    f"{len(set(labels))} classes): {type(error).__name__}: {error}") from error
-        model.cellmtl_columns = pd.Index(self.genes).get_indexer(model.features)  # CellTypist drops genes never detected
+        model.cellmtl_columns = pd.Index(self.genes_).get_indexer(model.features)  # CellTypist drops genes never detected
         return model
 
     def _level_proba(self, level, model, X):
@@ -323,12 +310,12 @@ class CellTypistAnnotator(_LogNormalizedAnnotator):
 class SingleTaskAnnotator(PerLevelAnnotator):
     "One single-head `HierarchicalAnnotator` (PH-Map's MLP) per level: the multi-task model without sharing."
     def __init__(self,
-        levels, # obs label columns from coarsest to finest
+        label_keys, # obs label columns from coarsest to finest
         val_fraction:float=0.2, # validation share of the default split (used without train_indices and val_indices)
         split_seed:int=42, # seed of the default split
         **mlp_kwargs, # HierarchicalAnnotator arguments, e.g. hidden_sizes=(200, 100), dropout=0.4
     ):
-        super().__init__(levels)
+        super().__init__(label_keys)
         self.val_fraction, self.split_seed, self.mlp_kwargs = val_fraction, split_seed, mlp_kwargs
 
     def _rows(self, adata, train_indices, val_indices):
@@ -342,11 +329,11 @@ class SingleTaskAnnotator(PerLevelAnnotator):
         from cellmtl.mtl import HierarchicalAnnotator  # imported here: cellmtl.mtl is the model this baseline is compared with
         self.models_ = {}  # HierarchicalAnnotator reads only the train and val rows, and takes its classes from them
         for level in self.levels:
-            model = HierarchicalAnnotator(levels=[level], **self.mlp_kwargs)
+            model = HierarchicalAnnotator(label_keys=[level], **self.mlp_kwargs)
             self.models_[level] = model.fit(adata, train_indices=train, val_indices=val, seed=seed, **fit_kwargs)
-        self.genes = list(self.models_[self.levels[0]].genes)
+        self.genes_ = list(self.models_[self.levels[0]].genes_)
 
     def _predict_proba(self, query):
-        out = {level: (model.predict_proba(query)[level], model.hierarchy.classes[level]) for level, model in self.models_.items()}
+        out = {level: (model.predict_proba(query)[level], model.hierarchy_.classes[level]) for level, model in self.models_.items()}
         self.alignment_ = getattr(self.models_[self.levels[-1]], "alignment_", None)
         return out

@@ -49,6 +49,7 @@ def _readme(args) -> int:
     if not args.quiet: print(f"wrote {out}")
     return 0
 
+# %% ../nbs/91_cli.ipynb #0a3033b3
 def build_parser() -> argparse.ArgumentParser:
     "The `cellmtl` argument parser."
     p = argparse.ArgumentParser(prog="cellmtl", description="cellmtl: multi-task deep learning on single-cell data.")

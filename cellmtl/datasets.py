@@ -377,6 +377,35 @@ def _read_cellbench_plate(plate:str, data_dir=None) -> tuple[sp.csr_matrix, pd.I
     X = _counts_to_csr(counts.to_numpy(), str(counts_path))
     return X, pd.Index(counts.index.astype(str)), meta.loc[counts.columns]
 
+# %% ../nbs/01_datasets.ipynb #8b618047
+def _cellbench_obs(meta:pd.DataFrame, # the plates' metadata, one row per cell (index plate:barcode)
+                   plates:list, # plate names, in order
+                   X:sp.csr_matrix, # (cells, features) counts, genes and ERCC spike-ins
+                   gene:np.ndarray, # (features,) True for genes, False for ERCC spike-ins
+                   is_mito:np.ndarray, # (features,) True for mitochondrial genes
+                  ) -> pd.DataFrame:
+    "Per-cell obs: plate/protocol, cell line and demuxlet call, QC over genes (spike-ins counted apart), the other metadata."
+    genes_X, ercc_X = X[:, gene], X[:, ~gene]
+    n_counts = np.asarray(genes_X.sum(axis=1)).ravel()
+    mito = np.asarray(X[:, np.flatnonzero(is_mito)].sum(axis=1)).ravel()
+    obs = pd.DataFrame(index=meta.index)
+    obs["protocol"] = pd.Categorical(meta["plate"], categories=plates)
+    obs["batch"] = obs["protocol"]
+    obs["technology"] = pd.Categorical(meta["plate"].map(_TECHNOLOGY))
+    obs["cell_line"] = pd.Categorical(meta["cell_line_demuxlet"].astype(str))
+    obs["demuxlet_cls"] = pd.Categorical(meta["demuxlet_cls"].astype(str), categories=["SNG", "DBL"])
+    obs["is_singlet"] = (meta["demuxlet_cls"] == "SNG").to_numpy()
+    obs["n_counts"] = n_counts.astype(np.int64)
+    obs["n_genes"] = np.diff(genes_X.indptr).astype(np.int64)
+    obs["pct_mito"] = np.divide(100.0 * mito, n_counts, out=np.zeros(len(n_counts)), where=n_counts > 0)
+    obs["n_counts_ercc"] = np.asarray(ercc_X.sum(axis=1)).ravel().astype(np.int64)
+    rest = meta.drop(columns=["plate", "cell_line_demuxlet", "demuxlet_cls"])
+    for column in rest.columns:
+        values = rest[column]
+        obs[column] = pd.Categorical(values) if values.dtype == object else values
+    if "outliers" in obs: obs["outliers"] = obs["outliers"].astype(bool)
+    return obs
+
 # %% ../nbs/01_datasets.ipynb #662d19bb
 def cellbench(plates:Sequence[str]|None=None, # subset of CELLBENCH_PLATES; None: all four
               singlets_only:bool=False, # keep only demuxlet singlets (demuxlet_cls == "SNG")
@@ -408,25 +437,7 @@ def cellbench(plates:Sequence[str]|None=None, # subset of CELLBENCH_PLATES; None
     var["is_mito"] = var["gene_symbol"].str.startswith("MT-").to_numpy()
     for plate, (_, ids, _) in zip(plates, parts): var[f"in_{plate}"] = features.isin(ids)
     gene = ~var["is_ercc"].to_numpy()
-    genes_X, ercc_X = X[:, gene], X[:, ~gene]
-    n_counts = np.asarray(genes_X.sum(axis=1)).ravel()
-    mito = np.asarray(X[:, np.flatnonzero(var["is_mito"].to_numpy())].sum(axis=1)).ravel()
-    obs = pd.DataFrame(index=meta.index)
-    obs["protocol"] = pd.Categorical(meta["plate"], categories=plates)
-    obs["batch"] = obs["protocol"]
-    obs["technology"] = pd.Categorical(meta["plate"].map(_TECHNOLOGY))
-    obs["cell_line"] = pd.Categorical(meta["cell_line_demuxlet"].astype(str))
-    obs["demuxlet_cls"] = pd.Categorical(meta["demuxlet_cls"].astype(str), categories=["SNG", "DBL"])
-    obs["is_singlet"] = (meta["demuxlet_cls"] == "SNG").to_numpy()
-    obs["n_counts"] = n_counts.astype(np.int64)
-    obs["n_genes"] = np.diff(genes_X.indptr).astype(np.int64)
-    obs["pct_mito"] = np.divide(100.0 * mito, n_counts, out=np.zeros(len(n_counts)), where=n_counts > 0)
-    obs["n_counts_ercc"] = np.asarray(ercc_X.sum(axis=1)).ravel().astype(np.int64)
-    rest = meta.drop(columns=["plate", "cell_line_demuxlet", "demuxlet_cls"])
-    for column in rest.columns:
-        values = rest[column]
-        obs[column] = pd.Categorical(values) if values.dtype == object else values
-    if "outliers" in obs: obs["outliers"] = obs["outliers"].astype(bool)
+    obs = _cellbench_obs(meta, plates, X, gene, var["is_mito"].to_numpy())
     if not spike_ins: X, var = X[:, gene], var[gene].drop(columns="is_ercc")
     var["n_cells"] = np.bincount(X.indices, minlength=X.shape[1])
     n_mapped, n_genes = int(var.loc[~var.index.str.startswith("ERCC-"), "symbol_found"].sum()), int(gene.sum())
@@ -532,20 +543,8 @@ def _calibrate_scale(log_mean:np.ndarray, weights:np.ndarray, density:float) -> 
     return 0.5 * (low + high)
 
 # %% ../nbs/01_datasets.ipynb #04bd0c92
-def simulate_hierarchy(n_cells:int, # number of cells
-                       n_genes:int, # number of genes
-                       n_classes:Sequence[int]=(6, 19, 30, 55), # classes per level, coarse to fine (non-decreasing)
-                       density:float=0.1, # expected fraction of non-zero entries
-                       n_batches:int=1, # number of batches, each with its own gene scaling
-                       seed:int=0, # random seed: same seed (and chunk size), same data
-                       effect_size:float=1.0, # sd of the level-1 log-mean perturbations
-                       effect_decay:float=0.7, # each finer level's sd is the previous one times this
-                       de_fraction:float=0.1, # fraction of genes each type perturbs relative to its parent
-                       batch_effect:float=0.5, # sd of the per-batch, per-gene log scaling (used if n_batches > 1)
-                       library_size_sd:float=0.5, # sd of the log library-size factor
-                       chunk_size:int|None=None, # cells per chunk; None: about 2e7 / n_genes
-                      ) -> ad.AnnData:
-    "Seeded negative-binomial counts (CSR int32) over a random tree of cell types, labels in obs['anno_lv1'...]."
+def _check_simulation(n_cells:int, n_genes:int, n_classes, density:float, n_batches:int, de_fraction:float) -> tuple:
+    "The validated class counts per level; a ValueError naming the bad argument otherwise."
     n_classes = tuple(int(c) for c in n_classes)
     if not n_classes or min(n_classes) < 1 or any(b < a for a, b in zip(n_classes[:-1], n_classes[1:])):
         raise ValueError(f"n_classes must be positive and non-decreasing (each parent needs >= 1 child); got {n_classes}.")
@@ -553,40 +552,40 @@ def simulate_hierarchy(n_cells:int, # number of cells
     if n_genes < 1 or n_batches < 1: raise ValueError("n_genes and n_batches must be >= 1.")
     if not 0 < density < 1: raise ValueError(f"density must be in (0, 1); got {density}.")
     if not 0 < de_fraction <= 1: raise ValueError(f"de_fraction must be in (0, 1]; got {de_fraction}.")
-    rng = np.random.default_rng(seed)
-    n_levels, n_types = len(n_classes), n_classes[-1]
-    parents = _random_tree(n_classes, rng)
-    # expression profiles, level by level: child = parent + N(0, sd_k) on a random de_fraction of genes
+    return n_classes
+
+def _simulate_profiles(parents:list, n_genes:int, rng:np.random.Generator, effect_size:float, effect_decay:float,
+                       de_fraction:float) -> tuple[np.ndarray, np.ndarray, list]:
+    "(baseline (G,), fine-type log-mean profiles (T, G), class of every fine type at each level)."
     baseline = rng.normal(0.0, 1.0, n_genes)  # (G,)
-    profiles = np.broadcast_to(baseline, (n_classes[0], n_genes)).copy()  # (C0, G)
-    for level in range(n_levels):
+    profiles = np.broadcast_to(baseline, (len(parents[0]), n_genes)).copy()  # (C0, G)
+    for level in range(len(parents)):  # child = parent + N(0, sd_k) on a random de_fraction of genes
         if level: profiles = profiles[parents[level]]  # (C_k, G) copies of the parents' profiles
         sd = effect_size * effect_decay ** level
         changed = rng.random(profiles.shape) < de_fraction
         profiles = profiles + changed * rng.normal(0.0, sd, profiles.shape)
-    ancestors = [np.arange(n_types)]  # fine type -> class at each level, finest first
-    for level in range(n_levels - 1, 0, -1): ancestors.append(parents[level][ancestors[-1]])
-    ancestors = ancestors[::-1]
-    batch_shift = rng.normal(0.0, batch_effect, (n_batches, n_genes)) if n_batches > 1 else np.zeros((1, n_genes))
-    n_sizes = 16
+    ancestors = [np.arange(len(parents[-1]))]  # fine type -> class at each level, finest first
+    for level in range(len(parents) - 1, 0, -1): ancestors.append(parents[level][ancestors[-1]])
+    return baseline, profiles, ancestors[::-1]
+
+def _simulate_cells(n_cells:int, n_types:int, n_genes:int, n_batches:int, rng:np.random.Generator, batch_effect:float,
+                    library_size_sd:float, n_sizes:int=16) -> dict:
+    "Per-batch gene shifts (B, G), size levels (S,) and every cell's fine type, batch and size level (N,)."
     from scipy.stats import norm
+    batch_shift = rng.normal(0.0, batch_effect, (n_batches, n_genes)) if n_batches > 1 else np.zeros((1, n_genes))
     quantiles = norm.ppf((np.arange(n_sizes) + 0.5) / n_sizes)
     size_levels = np.exp(library_size_sd * quantiles - library_size_sd ** 2 / 2)  # (S,), mean ~1
-    # cells: fine type, batch, size level
     proportions = rng.dirichlet(np.full(n_types, 2.0))
     cell_type = rng.choice(n_types, n_cells, p=proportions)
     cell_type[rng.choice(n_cells, n_types, replace=False)] = np.arange(n_types)  # every type present
-    cell_batch = rng.integers(0, n_batches, n_cells)
-    cell_size = rng.integers(0, n_sizes, n_cells)
-    # P(count > 0) per (type, batch, size, gene) group: NB(shape 1) gives mu / (1 + mu)
-    log_mean = profiles[:, None, None, :] + batch_shift[None, :, None, :] + np.log(size_levels)[None, None, :, None]
-    log_mean += _calibrate_scale(log_mean, np.bincount(cell_type, minlength=n_types) / n_cells, density)
-    p_nonzero = (0.5 * (1.0 + np.tanh(0.5 * log_mean))).reshape(-1, n_genes)  # (T*B*S, G)
-    np.clip(p_nonzero, 1e-300, 1 - 1e-12, out=p_nonzero)
+    return dict(batch_shift=batch_shift, size_levels=size_levels, cell_type=cell_type,
+                cell_batch=rng.integers(0, n_batches, n_cells), cell_size=rng.integers(0, n_sizes, n_cells))
+
+# %% ../nbs/01_datasets.ipynb #a647eccf
+def _sample_counts(p_nonzero:np.ndarray, group:np.ndarray, n_genes:int, rng:np.random.Generator, chunk:int) -> sp.csr_matrix:
+    "CSR int32 counts (N, G): cell i's entries are non-zero with p_nonzero[group[i]], then 1 + Geometric."
+    n_cells = len(group)
     log_p_nonzero = np.log(p_nonzero)
-    group = (cell_type * n_batches + cell_batch) * n_sizes + cell_size  # (N,)
-    # sample chunk by chunk into preallocated CSR arrays
-    chunk = int(chunk_size or max(1, 20_000_000 // n_genes))
     expected = float(p_nonzero.mean()) * n_cells * n_genes
     capacity = int(1.02 * expected + 6 * np.sqrt(expected) + 1024)
     index_dtype = np.int64 if max(capacity, n_genes) > np.iinfo(np.int32).max // 2 else np.int32
@@ -618,22 +617,57 @@ def simulate_hierarchy(n_cells:int, # number of cells
         nnz += k
     del uniform, nonzero
     data.resize(nnz, refcheck=False); indices.resize(nnz, refcheck=False)
-    X = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n_cells, n_genes))
-    # AnnData with categorical labels
-    names = _tree_names(parents)
+    return sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n_cells, n_genes))
+
+# %% ../nbs/01_datasets.ipynb #d8eb4e53
+def _simulation_anndata(X:sp.csr_matrix, parents:list, ancestors:list, cells:dict, baseline:np.ndarray, params:dict) -> ad.AnnData:
+    "The simulated counts with labels, batches and size factors in obs, and the parameters and tree in uns."
+    names, n_levels, n_cells = _tree_names(parents), len(parents), X.shape[0]
     levels = [f"anno_lv{k + 1}" for k in range(n_levels)]
-    obs = pd.DataFrame({level: pd.Categorical.from_codes(ancestors[k][cell_type], categories=names[k])
+    obs = pd.DataFrame({level: pd.Categorical.from_codes(ancestors[k][cells["cell_type"]], categories=names[k])
                         for k, level in enumerate(levels)},
                        index=pd.Index("cell" + pd.RangeIndex(n_cells).astype(str), name=None))
-    obs["batch"] = pd.Categorical.from_codes(cell_batch, categories=[f"batch{b}" for b in range(n_batches)])
-    obs["size_factor"] = size_levels[cell_size].astype(np.float32)
+    obs["batch"] = pd.Categorical.from_codes(cells["cell_batch"], categories=[f"batch{b}" for b in range(params["n_batches"])])
+    obs["size_factor"] = cells["size_levels"][cells["cell_size"]].astype(np.float32)
     var = pd.DataFrame({"baseline_log_mean": baseline.astype(np.float32)},
-                       index=pd.Index([f"gene{g:05d}" for g in range(n_genes)]))
-    params = dict(n_cells=n_cells, n_genes=n_genes, n_classes=list(n_classes), density=density, n_batches=n_batches,
-                  seed=seed, effect_size=effect_size, effect_decay=effect_decay, de_fraction=de_fraction,
-                  batch_effect=batch_effect, library_size_sd=library_size_sd, chunk_size=chunk)
+                       index=pd.Index([f"gene{g:05d}" for g in range(X.shape[1])]))
     uns = {"simulated": True, "cellmtl_levels": levels, "simulation": params,
            "hierarchy_parents": {levels[k]: [names[k - 1][p] for p in parents[k]] for k in range(1, n_levels)},
            "cellmtl_source": {"dataset": "simulate_hierarchy", "simulated": True,
                               "source": "SIMULATED by cellmtl.datasets.simulate_hierarchy (negative-binomial counts over a random cell-type tree); not real measurements"}}
     return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
+
+# %% ../nbs/01_datasets.ipynb #3fc695a0
+def simulate_hierarchy(n_cells:int, # number of cells
+                       n_genes:int, # number of genes
+                       n_classes:Sequence[int]=(6, 19, 30, 55), # classes per level, coarse to fine (non-decreasing)
+                       density:float=0.1, # expected fraction of non-zero entries
+                       n_batches:int=1, # number of batches, each with its own gene scaling
+                       seed:int=0, # random seed: same seed (and chunk size), same data
+                       effect_size:float=1.0, # sd of the level-1 log-mean perturbations
+                       effect_decay:float=0.7, # each finer level's sd is the previous one times this
+                       de_fraction:float=0.1, # fraction of genes each type perturbs relative to its parent
+                       batch_effect:float=0.5, # sd of the per-batch, per-gene log scaling (used if n_batches > 1)
+                       library_size_sd:float=0.5, # sd of the log library-size factor
+                       chunk_size:int|None=None, # cells per chunk; None: about 2e7 / n_genes
+                      ) -> ad.AnnData:
+    "Seeded negative-binomial counts (CSR int32) over a random tree of cell types, labels in obs['anno_lv1'...]."
+    n_classes = _check_simulation(n_cells, n_genes, n_classes, density, n_batches, de_fraction)
+    rng = np.random.default_rng(seed)
+    n_types, n_sizes = n_classes[-1], 16
+    parents = _random_tree(n_classes, rng)
+    baseline, profiles, ancestors = _simulate_profiles(parents, n_genes, rng, effect_size, effect_decay, de_fraction)
+    cells = _simulate_cells(n_cells, n_types, n_genes, n_batches, rng, batch_effect, library_size_sd, n_sizes)
+    # P(count > 0) per (type, batch, size, gene) group: NB(shape 1) gives mu / (1 + mu)
+    log_mean = (profiles[:, None, None, :] + cells["batch_shift"][None, :, None, :]
+                + np.log(cells["size_levels"])[None, None, :, None])  # (T, B, S, G)
+    log_mean += _calibrate_scale(log_mean, np.bincount(cells["cell_type"], minlength=n_types) / n_cells, density)
+    p_nonzero = (0.5 * (1.0 + np.tanh(0.5 * log_mean))).reshape(-1, n_genes)  # (T*B*S, G)
+    np.clip(p_nonzero, 1e-300, 1 - 1e-12, out=p_nonzero)
+    group = (cells["cell_type"] * n_batches + cells["cell_batch"]) * n_sizes + cells["cell_size"]  # (N,)
+    chunk = int(chunk_size or max(1, 20_000_000 // n_genes))
+    X = _sample_counts(p_nonzero, group, n_genes, rng, chunk)
+    params = dict(n_cells=n_cells, n_genes=n_genes, n_classes=list(n_classes), density=density, n_batches=n_batches,
+                  seed=seed, effect_size=effect_size, effect_decay=effect_decay, de_fraction=de_fraction,
+                  batch_effect=batch_effect, library_size_sd=library_size_sd, chunk_size=chunk)
+    return _simulation_anndata(X, parents, ancestors, cells, baseline, params)

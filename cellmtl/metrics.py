@@ -486,6 +486,31 @@ def _pooled_bins(calibration:ReliabilityData) -> pd.DataFrame:
         pooled["confidence"] /= pooled["count"]; pooled["accuracy"] /= pooled["count"]
     return pooled.assign(gap=pooled["accuracy"] - pooled["confidence"])
 
+def _reliability_axes(fig:Figure, grid, column:int) -> tuple:
+    "(diagram, count histogram) axes of one panel: the diagonal drawn, the axes labelled in the first column only."
+    top = fig.add_subplot(grid[0, column]); bottom = fig.add_subplot(grid[1, column], sharex=top)
+    top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy" if column == 0 else None)
+    top.tick_params(labelbottom=False)
+    bottom.set(xlabel="confidence", ylabel="cells" if column == 0 else None)
+    return top, bottom
+
+def _reliability_bars(top, bottom, calibration:ReliabilityData, name:str=""):
+    "Accuracy bars with the gap to confidence hatched (blue: under-, red: over-confident), counts underneath, ECE as the title."
+    bins = _pooled_bins(calibration).query("count > 0")
+    width = 1 / calibration.n_bins
+    centers = (bins["lower"] + bins["upper"]) / 2
+    accuracy, confidence = bins["accuracy"].to_numpy(), bins["confidence"].to_numpy()
+    over = confidence > accuracy  # over-confident bins: the gap sits above the accuracy bar
+    top.bar(centers, np.minimum(accuracy, confidence), width=width, color="tab:blue", edgecolor="black", lw=0.5, label="accuracy")
+    top.bar(centers[~over], (accuracy - confidence)[~over], bottom=confidence[~over], width=width, color="tab:blue", alpha=0.45,
+            hatch="\\\\", edgecolor="black", lw=0.5, label="accuracy above confidence (under-confident)")
+    top.bar(centers[over], (confidence - accuracy)[over], bottom=accuracy[over], width=width, color="tab:red", alpha=0.3,
+            hatch="//", edgecolor="tab:red", lw=0.5, label="confidence above accuracy (over-confident)")
+    bottom.bar(centers, bins["count"], width=width, color="tab:grey", edgecolor="black", lw=0.5)
+    top.set_title(f"{name + ': ' if name else ''}ECE = {calibration.ece:.3f}", fontsize=10)
+
+# %% ../nbs/03_metrics.ipynb #d28be530
 def plot_reliability_diagram(y_true=None, # true labels, or a ReliabilityData, or a dict name -> ReliabilityData | (y_true, y_prob)
                              y_prob=None, # (N, C) probabilities (when y_true are labels)
                              n_bins:int=15, # equal-width confidence bins (when computing from probabilities)
@@ -507,32 +532,13 @@ def plot_reliability_diagram(y_true=None, # true labels, or a ReliabilityData, o
     fig = _new_figure((3.6 * n_panels + 0.6, height))
     grid = fig.add_gridspec(2, n_panels, height_ratios=[3, 1])
     title = title or "Reliability diagram"
-    def panel(column):
-        top = fig.add_subplot(grid[0, column]); bottom = fig.add_subplot(grid[1, column], sharex=top)
-        top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy" if column == 0 else None)
-        top.tick_params(labelbottom=False)
-        bottom.set(xlabel="confidence", ylabel="cells" if column == 0 else None)
-        return top, bottom
     if layout == "side-by-side":
         for column, (name, calibration) in enumerate(calibrations.items()):
-            top, bottom = panel(column)
-            bins = _pooled_bins(calibration).query("count > 0")
-            width = 1 / calibration.n_bins
-            centers = (bins["lower"] + bins["upper"]) / 2
-            accuracy, confidence = bins["accuracy"].to_numpy(), bins["confidence"].to_numpy()
-            over = confidence > accuracy  # over-confident bins: the gap sits above the accuracy bar
-            top.bar(centers, np.minimum(accuracy, confidence), width=width, color="tab:blue", edgecolor="black", lw=0.5, label="accuracy")
-            top.bar(centers[~over], (accuracy - confidence)[~over], bottom=confidence[~over], width=width, color="tab:blue", alpha=0.45,
-                    hatch="\\\\", edgecolor="black", lw=0.5, label="accuracy above confidence (under-confident)")
-            top.bar(centers[over], (confidence - accuracy)[over], bottom=accuracy[over], width=width, color="tab:red", alpha=0.3,
-                    hatch="//", edgecolor="tab:red", lw=0.5, label="confidence above accuracy (over-confident)")
-            bottom.bar(centers, bins["count"], width=width, color="tab:grey", edgecolor="black", lw=0.5)
-            top.set_title(f"{name + ': ' if name else ''}ECE = {calibration.ece:.3f}", fontsize=10)
+            _reliability_bars(*_reliability_axes(fig, grid, column), calibration, name)
         fig.suptitle(title)
         fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     else:
-        top, bottom = panel(0)
+        top, bottom = _reliability_axes(fig, grid, 0)
         for name, calibration in calibrations.items():
             bins = _pooled_bins(calibration).query("count > 0")
             line, = top.plot(bins["confidence"], bins["accuracy"], marker="o", ms=4,

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import yaml
 
+from .files import atomic_write, atomic_write_text
+
 # %% auto #0
-__all__ = ['PROFILES', 'find_project_root', 'load_profile', 'figure_notebooks', 'save_figure', 'FigureNotebookError', 'FigureRun',
-           'run_notebook', 'promote', 'write_index', 'run_figures', 'render_readme']
+__all__ = ['PROFILES', 'FIGURE_RC', 'find_project_root', 'load_profile', 'figure_notebooks', 'unformatted_placeholders',
+           'save_figure', 'FigureNotebookError', 'FigureRun', 'run_notebook', 'promote', 'write_index', 'run_figures',
+           'figure_style', 'render_readme']
 
 # %% ../nbs/90_pipeline.ipynb #db5f3a77
 PROFILES = ("smoke", "full", "test")  # smoke: default of `make figures`; full: paper; test: the test suite
@@ -55,16 +59,11 @@ def figure_notebooks(notebooks_dir:str|Path) -> list[Path]:
 # %% ../nbs/90_pipeline.ipynb #de9da51b
 _PNG_METADATA = {"Software": None}
 _PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}
+_PLACEHOLDER = re.compile(r"(?<![\\\w$])\{[A-Za-z_]\w*(?:\.\w+|\[[^\]{}]*\])*(?:![rsa])?(?::[^{}]*)?\}")  # {name}, {x.y:.2f}; not \mathrm{x}
 
-def _atomic_savefig(fig, path:Path, **kwargs):
-    "Save `fig` to `path` via a temporary file in the same folder and an atomic rename."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=path.suffix[1:], **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+def unformatted_placeholders(text:str) -> list[str]:
+    "The `{name}` / `{value:.2f}` placeholders left in `text`, as a caption shows them when its `f` prefix is missing."
+    return _PLACEHOLDER.findall(text or "")
 
 def save_figure(fig, # a matplotlib Figure
                 name:str, # file stem, e.g. "datasets_overview"
@@ -74,11 +73,14 @@ def save_figure(fig, # a matplotlib Figure
                ) -> dict:
     "Write `fig` as `<name>.png` and `<name>.pdf` (metadata stripped, atomic) plus its caption."
     if not name or any(c in name for c in "/\\ "): raise ValueError(f"Figure name {name!r} must be a plain file stem (no spaces or slashes).")
+    left = unformatted_placeholders(caption)
+    if left: raise ValueError(f"The caption of figure {name!r} contains unformatted placeholder(s) {left}: a string part "
+                              "without its f prefix; write it as f\"...\" so that the values are filled in.")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    _atomic_savefig(fig, out/f"{name}.png", dpi=dpi, bbox_inches="tight", metadata=_PNG_METADATA)
-    _atomic_savefig(fig, out/f"{name}.pdf", bbox_inches="tight", metadata=_PDF_METADATA)
+    for suffix, options in (("png", dict(dpi=dpi, metadata=_PNG_METADATA)), ("pdf", dict(metadata=_PDF_METADATA))):
+        atomic_write(out/f"{name}.{suffix}", lambda file: fig.savefig(file, format=suffix, bbox_inches="tight", **options))
     info = {"name": name, "caption": caption, "files": [f"{name}.png", f"{name}.pdf"]}
-    (out/f"{name}.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(out/f"{name}.json", json.dumps(info, indent=1))
     return info
 
 # %% ../nbs/90_pipeline.ipynb #9ddcbaa1
@@ -161,12 +163,6 @@ def promote(run:FigureRun, build_dir:str|Path, out_dir:str|Path) -> list[dict]:
                         "seconds": round(run.seconds, 1)})
     return entries
 
-def _atomic_write_text(path:Path, text:str):
-    "Write `text` to `path` through a temporary file and a rename."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f: f.write(text)
-    os.replace(tmp, path)
-
 def write_index(entries:list[dict], out_dir:str|Path) -> Path:
     "Merge `entries` into `out_dir/index.json` and render `out_dir/README.md`."
     out = Path(out_dir); idx_path = out/"index.json"
@@ -175,7 +171,7 @@ def write_index(entries:list[dict], out_dir:str|Path) -> Path:
     merged.update({e["name"]: e for e in entries})
     merged = {k: v for k, v in merged.items() if (out/f"{k}.png").exists()}  # drop entries whose files are gone
     items = sorted(merged.values(), key=lambda e: (e["notebook"], e["name"]))
-    _atomic_write_text(idx_path, json.dumps(items, indent=1) + "\n")
+    atomic_write_text(idx_path, json.dumps(items, indent=1) + "\n")
     lines = ["# Figures", "",
              "Made by `make figures` (or `cellmtl figures --profile PROFILE`) from the notebooks in `nbs/figures/`.",
              "Do not edit: this file is rewritten from `index.json` by the pipeline.", "",
@@ -187,7 +183,7 @@ def write_index(entries:list[dict], out_dir:str|Path) -> Path:
                   f"Source: `{e['notebook']}` · profile `{e['profile']}` · seed {e['seed']} · {e['seconds']:.0f} s · "
                   f"[PDF]({e['name']}.pdf)" + (f" · [CSV]({e['name']}.csv)" if f"{e['name']}.csv" in e.get("files", []) else "")]
     readme = out/"README.md"
-    _atomic_write_text(readme, "\n".join(lines) + "\n")
+    atomic_write_text(readme, "\n".join(lines) + "\n")
     return readme
 
 # %% ../nbs/90_pipeline.ipynb #b9ee0c2d
@@ -234,6 +230,19 @@ def run_figures(profile:str="smoke", # smoke | full | test, or a path to a YAML 
                                   f"{out_dir} were left as they were.\n" + "\n".join(failures))
     return runs
 
+# %% ../nbs/90_pipeline.ipynb #f74e2bca
+FIGURE_RC = {"figure.dpi": 100, "font.size": 9, "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False}
+
+def figure_style(rc:dict|None=None, # more or other matplotlib rcParams for this notebook, e.g. {"font.size": 10}
+                 quiet_progress:bool=True, # ignore tqdm's "IProgress not found" warning (no ipywidgets installed)
+                ) -> dict:
+    "Apply cellmtl's figure style (matplotlib rcParams) and silence tqdm's ipywidgets notice; returns the rcParams set."
+    import matplotlib  # imported here: the pipeline itself runs without loading matplotlib
+    style = {**FIGURE_RC, **(rc or {})}
+    matplotlib.rcParams.update(style)
+    if quiet_progress: warnings.filterwarnings("ignore", message="IProgress not found")
+    return style
+
 # %% ../nbs/90_pipeline.ipynb #085b79a4
 def render_readme(notebook:str|Path|None=None, # default: <root>/nbs/index.ipynb
                   out:str|Path|None=None, # default: <root>/README.md
@@ -261,5 +270,5 @@ def render_readme(notebook:str|Path|None=None, # default: <root>/nbs/index.ipynb
         if texts: parts.append("```\n" + "".join(t if t.endswith("\n") else t + "\n" for t in texts).rstrip("\n") + "\n```")
     text = "<!-- Generated from nbs/index.ipynb by `make export` (cellmtl readme); edit the notebook, not this file. -->\n\n"
     text += "\n\n".join(parts) + "\n"
-    _atomic_write_text(out, text)
+    atomic_write_text(out, text)
     return out

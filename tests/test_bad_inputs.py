@@ -1,4 +1,4 @@
-"""Bad input gets a clear error that names the problem and what to do (DESIGN: never a silent guess)."""
+"""Bad input gets a clear error that names the problem and what to do, never a silent guess."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import anndata as ad
 import torch
 
-from cellmtl.data import CSRBatchLoader, LabelHierarchy, align_genes, check_counts, stratified_split
+from cellmtl.data import CSRBatchLoader, LabelHierarchy, align_genes, check_counts, check_not_scaled, row_indices, stratified_split
 from cellmtl.train import CheckpointError, fit, load_checkpoint, save_checkpoint
 
 
@@ -66,6 +66,22 @@ def test_single_cell_class_does_not_crash_the_split():
 def test_counts_required(X, what):
     with pytest.raises(ValueError, match=what):
         check_counts(sp.csr_matrix(np.array(X)))
+
+
+def test_scaled_values_are_refused_where_counts_or_log_values_are_needed():
+    with pytest.raises(ValueError, match="looks scaled \\(z-scored\\); PH-Map binarises"):
+        check_not_scaled(sp.csr_matrix(np.array([[1.0, -0.3]])), "adata.X", needs="PH-Map binarises X > 0")
+    assert check_not_scaled(sp.csr_matrix(np.array([[0.5, 1.2]])))["n_noninteger"] == 2  # log-normalised passes
+
+
+def test_one_rule_for_row_selections_everywhere():
+    X = sp.csr_matrix(np.ones((5, 2), np.float32))
+    short_mask = np.array([True, False, True, False])  # 4 entries for 5 rows: which cells would it mean?
+    for select in (lambda: row_indices(short_mask, 5, "train_indices"), lambda: CSRBatchLoader(X, indices=short_mask)):
+        with pytest.raises(ValueError, match="boolean mask of 4 entries for 5 rows"): select()
+    np.testing.assert_array_equal(CSRBatchLoader(X, indices=np.r_[short_mask, True], shuffle=False).epoch_indices(), [0, 2, 4])
+    with pytest.raises(IndexError, match="must lie in \\[0, 5\\)"): row_indices([0, 5], 5)
+    with pytest.raises(IndexError, match="negative"): CSRBatchLoader(X, indices=[-1])
 
 
 def test_empty_anndata():

@@ -1,12 +1,12 @@
-"""cellmtl.objectives: each loss against a hand computation, the combined loss, and training through the engine."""
+"""cellmtl.scgpt.objectives: each loss against a hand computation, the combined loss, and training through the engine."""
 import math
 
 import pytest
 import torch
 
-from cellmtl.objectives import DEFAULT_WEIGHTS, OBJECTIVES, TransformerLoss, criterion_neg_log_bernoulli, masked_mse_loss
+from cellmtl.scgpt.objectives import DEFAULT_WEIGHTS, OBJECTIVES, TransformerLoss, criterion_neg_log_bernoulli, masked_mse_loss
 from cellmtl.train import fit
-from cellmtl.transformer import TransformerModel
+from cellmtl.scgpt.model import TransformerModel
 
 VOCAB = {"<pad>": 0, "<cls>": 1, "<eoc>": 2, **{f"G{i}": i for i in range(3, 40)}}
 

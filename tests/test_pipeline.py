@@ -1,5 +1,7 @@
 """The figure pipeline end to end: every figure notebook once with the `test` profile, and failure handling."""
 import json
+import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -8,6 +10,8 @@ from nbformat.v4 import new_code_cell, new_notebook
 from conftest import ROOT, run_cli
 
 FIGURE_NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs" / "figures").glob("*.ipynb"))
+# a str.format placeholder ({n_seeds}, {acc:.2f}) left in a caption whose f prefix is missing; not TeX's \mathrm{x}
+PLACEHOLDER = re.compile(r"(?<![\\\w$])\{[A-Za-z_][^{}]*\}")
 
 
 def test_every_figure_notebook_runs_with_the_test_profile(tmp_path, data_dir):
@@ -20,6 +24,7 @@ def test_every_figure_notebook_runs_with_the_test_profile(tmp_path, data_dir):
         png, pdf = out / f"{e['name']}.png", out / f"{e['name']}.pdf"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
         assert e["caption"] and e["profile"] == "test" and e["seed"] == 0 and e["seconds"] > 0
+        assert not PLACEHOLDER.search(e["caption"]), f"{e['name']}: unformatted placeholder in its caption: {e['caption']!r}"
         assert b"CreationDate" not in pdf.read_bytes()  # metadata stripped: same numbers, same bytes
     readme = (out / "README.md").read_text()
     for e in index: assert f"![{e['name']}]({e['name']}.png)" in readme and e["caption"] in readme
@@ -65,6 +70,29 @@ def test_failure_keeps_previous_figures_and_names_notebook_cell_and_copy(tmp_pat
     assert "RuntimeError: the model diverged" in msg and str(build / "b_bar.ipynb") in msg, msg
     assert (out / "bar.png").read_bytes() == before["bar.png"]  # the failed step left its old figure alone
     assert "[2/2] FAILED" in bad.stdout and "[1/2] a_line: 1 figure(s)" in bad.stdout
+
+
+def test_a_caption_with_an_unformatted_placeholder_fails_its_notebook(tmp_path):
+    nbs = tmp_path / "nbs"; (nbs / "profiles").mkdir(parents=True)
+    (nbs / "profiles" / "smoke.yaml").write_text("all: {seed: 0}\n")
+    _toy_notebook(nbs / "a_late.ipynb", "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt",
+                  "from cellmtl.pipeline import save_figure\nn_seeds = 3\nfig, ax = plt.subplots()\n"
+                  "save_figure(fig, 'late', out_dir, caption=f'Accuracy over {n_seeds} seeds; ' 'mean over {n_seeds} seeds.')")
+    res = run_cli("figures", "--notebooks", nbs, "--out", tmp_path / "figs", "--build", tmp_path / "build")
+    assert res.returncode == 1 and "unformatted placeholder(s) ['{n_seeds}']" in res.stderr, res.stderr
+    assert not (tmp_path / "figs" / "late.png").exists() and PLACEHOLDER.search("mean over {n_seeds} seeds")
+
+
+def test_figures_and_index_are_readable_by_the_group_as_the_umask_says(tmp_path):
+    out, build = tmp_path / "figs", tmp_path / "build"
+    nbs = _toy_project(tmp_path, fail=False)
+    old = os.umask(0o022)  # the subprocess inherits it
+    try: res = run_cli("figures", "--notebooks", nbs, "--out", out, "--build", build)
+    finally: os.umask(old)
+    assert res.returncode == 0, res.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes  # not mkstemp's 0o600
+    assert {"line.png", "line.pdf", "README.md", "index.json"} <= set(modes)
 
 
 def test_only_runs_one_notebook_and_keeps_the_other_index_entries(tmp_path):

@@ -1,16 +1,19 @@
-"""cellmtl.transformer: attention backends, every style, DSBN, gradient reversal, checkpoints, scGPT compatibility."""
+"""cellmtl.scgpt.model: attention backends, every style, DSBN, gradient reversal, checkpoints, scGPT compatibility."""
 import importlib.util
+import json
 import os
 import sys
 import types
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from cellmtl.transformer import (FLASH_ATTN_AVAILABLE, TransformerModel, config_from_state_dict, convert_scgpt_state_dict,
-                                 grad_reverse, load_scgpt_checkpoint, save_pretrained)
+from cellmtl.nn import FLASH_ATTN_AVAILABLE, grad_reverse
+from cellmtl.scgpt.model import (TransformerConfig, TransformerModel, config_from_state_dict, convert_scgpt_state_dict, load_scgpt_checkpoint,
+                                 save_pretrained)
 
 from conftest import ROOT
 
@@ -169,6 +172,28 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="unexpected.*some_new_head"): load_scgpt_checkpoint(tmp_path / "m")
 
 
+def test_transformer_config_round_trips_and_rebuilds_the_model(tmp_path):
+    model = small_model(do_mvc=True, do_dab=True, num_batch_labels=2, domain_spec_batchnorm=True, explicit_zero_prob=True)
+    config = model.config
+    assert isinstance(config, TransformerConfig) and config.padding_idx == VOCAB["<pad>"] and config.nlayers == 2
+    assert TransformerConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config  # through JSON (args.json) and back
+    rebuilt = TransformerModel(**asdict(config))  # scGPT's keyword signature, plus padding_idx
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert TransformerModel.from_config(config).state_dict().keys() == model.state_dict().keys()
+    save_pretrained(model, tmp_path / "m", VOCAB)
+    loaded, _, args = load_scgpt_checkpoint(tmp_path / "m")
+    assert loaded.config == config and args["cellmtl_config"] == asdict(config)
+    inferred = config_from_state_dict(convert_scgpt_state_dict(model.state_dict()), {"nheads": 4, "dropout": 0.0})
+    assert isinstance(inferred, TransformerConfig)
+    assert replace(inferred, padding_idx=0, attention="auto") == config  # the architecture is all in the weights
+    model.attention = "math"
+    assert model.config.attention == "math" and all(layer.self_attn.attention == "math" for layer in model.transformer_encoder.layers)
+    with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['use_fast'\]"): TransformerConfig.from_dict(asdict(config) | {"use_fast": 1})
+    with pytest.raises(ValueError, match="unknown TransformerModel argument"): load_scgpt_checkpoint(tmp_path / "m", d_modell=8)
+    with pytest.raises(ValueError, match="has id 0"): TransformerModel(len(VOCAB), d_model=32, nhead=4, vocab=VOCAB, padding_idx=5)
+    with pytest.raises(ValueError, match="padding_idx 99 is not a token id"): TransformerConfig(len(VOCAB), padding_idx=99)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_inputs_give_clear_errors():
     gene_ids, values, padding = tokens()
@@ -234,7 +259,7 @@ def test_scgpt_state_dict_loads_strictly_and_gives_the_same_outputs(name, tmp_pa
     ours.load_state_dict(state, strict=True)
     inferred = config_from_state_dict(state, {"nheads": 4, "dropout": 0.1})
     for key in ("input_emb_style", "do_mvc", "explicit_zero_prob", "num_batch_labels", "domain_spec_batchnorm", "n_input_bins"):
-        if key in kw: assert inferred[key] == kw[key], key
+        if key in kw: assert getattr(inferred, key) == kw[key], key
 
     category = kw["input_emb_style"] == "category"
     gene_ids, values, padding = tokens(n_pad=(0, 2, 4, 7, 11) if padded else (0,) * 5, values_as_bins=51 if category else None)

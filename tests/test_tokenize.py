@@ -1,4 +1,4 @@
-"""cellmtl.tokenize: the scGPT vocabulary format, binning against scGPT's own code, seeded truncation/masking, padding, the loader and bad inputs."""
+"""cellmtl.scgpt.tokenize: the scGPT vocabulary format, binning against scGPT's own code, seeded truncation/masking, padding, the loader and bad inputs."""
 import json
 import warnings
 
@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from cellmtl.data import normalize_log1p
-from cellmtl.tokenize import (CellTokenizer, GeneVocab, TokenLoader, digitize, quantile_edges, random_keys,
+from cellmtl.scgpt.tokenize import (CellTokenizer, GeneVocab, TokenLoader, digitize, quantile_edges, random_keys,
                               smallest_per_row, to_uniform)
 
 GENES = [f"G{i}" for i in range(40)]
