@@ -24,7 +24,7 @@ from .train import CheckpointError, History, get_device, load_checkpoint, save_c
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONFIG_FILE', 'HISTORY_FILE', 'MODEL_FILES', 'TRAINING_FILES', 'KINDS', 'describe_model_dir',
-           'BaseModel', 'label_predictions', 'read_model_dir', 'model_class', 'loader_name', 'load']
+           'check_anndata', 'BaseModel', 'label_predictions', 'read_model_dir', 'model_class', 'loader_name', 'load']
 
 # %% ../nbs/04_base.ipynb #45ceb5b7
 MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.pt", "config.json", "history.csv"
@@ -57,7 +57,26 @@ def describe_model_dir(directory:str|Path, # a folder that may hold a saved mode
         return f"a model.pt of {size:,} bytes that no cellmtl save describes (files {present})"
     return f"files of a saved model or training run: {present}"
 
-# %% ../nbs/04_base.ipynb #bd6be9f2
+# %% ../nbs/04_base.ipynb #61f47e92
+def check_anndata(adata, # what the user passed as cells
+                  what:str="adata", # its name in the message
+                 ) -> ad.AnnData:
+    "Return `adata` if it is an AnnData with an X; otherwise a TypeError/ValueError that shows how to make one."
+    if isinstance(adata, ad.AnnData):
+        if adata.X is None:
+            raise ValueError(f"{what}.X is None; the models read X. If the values are in a layer, make it X: "
+                             f"ad.AnnData({what}.layers['counts'], obs={what}.obs, var={what}.var) (layers here: {list(adata.layers)}).")
+        return adata
+    kind = type(adata).__name__
+    if isinstance(adata, pd.DataFrame):
+        raise TypeError(f"{what} is a pandas DataFrame; cellmtl models take AnnData (cells x genes, gene names in var_names). With genes as "
+                        "columns: ad.AnnData(df.to_numpy(), obs=pd.DataFrame(index=df.index), var=pd.DataFrame(index=df.columns)).")
+    if len(getattr(adata, "shape", ())) == 2:
+        raise TypeError(f"{what} is a {kind} of shape {adata.shape}; cellmtl models take AnnData, whose var_names say which gene each "
+                        "column is: ad.AnnData(X, var=pd.DataFrame(index=gene_names)).")
+    raise TypeError(f"{what} is a {kind}; cellmtl models take an AnnData (e.g. anndata.read_h5ad(path) or scanpy.read_10x_h5(path)).")
+
+# %% ../nbs/04_base.ipynb #e5842e48
 class BaseModel:
     "The one AnnData-facing model surface: fit / predict / predict_proba / embed / annotate / save / load."
     kind:ClassVar[str] = ""  # stored in model.pt; cellmtl.load dispatches on it
@@ -104,7 +123,7 @@ class BaseModel:
     def _restore(self, state:dict, device:torch.device): raise NotImplementedError(f"{type(self).__name__}._restore")
     def _summary(self) -> dict: return {}
 
-# %% ../nbs/04_base.ipynb #2f4910af
+# %% ../nbs/04_base.ipynb #642f8cc8
 @patch
 def embed(self:BaseModel,
           adata:ad.AnnData, # cells, genes matched to the training genes by name
@@ -112,6 +131,7 @@ def embed(self:BaseModel,
           **kwargs, # passed to the model's _embed (e.g. batch_size)
          ) -> np.ndarray:
     "The model's (N, D) float32 cell embedding of `adata`; written to `adata.obsm[key_added]` when given."
+    check_anndata(adata)
     self.check_fitted()
     embedding = np.asarray(self._embed(adata, **kwargs), dtype=np.float32)  # (N, D)
     if embedding.ndim != 2 or len(embedding) != adata.n_obs:
@@ -126,7 +146,7 @@ def annotate(self:BaseModel,
              **predict_kwargs, # passed to predict
             ) -> ad.AnnData:
     "Write `predict(adata)`'s columns into `adata.obs`, record the model in `adata.uns[key_added]`, return `adata`."
-    predictions = self.predict(adata, **predict_kwargs)
+    predictions = self.predict(check_anndata(adata), **predict_kwargs)
     columns = {}
     for column in predictions.columns:
         name = key_added + column[len("predicted"):] if column.startswith("predicted") else f"{key_added}_{column}"
@@ -139,7 +159,7 @@ def annotate(self:BaseModel,
     adata.uns[key_added] = record
     return adata
 
-# %% ../nbs/04_base.ipynb #d1b35cdd
+# %% ../nbs/04_base.ipynb #b20aff87
 def label_predictions(probabilities:pd.DataFrame, # (N, C) class probabilities; columns are the class names, index the cells
                       label_key:str, # the label column: gives predicted_<label_key> and predicted_<label_key>_prob
                       gene_alignment=None, # the query's GeneAlignment report, kept in `attrs` (and by annotate in uns)
@@ -151,7 +171,7 @@ def label_predictions(probabilities:pd.DataFrame, # (N, C) class probabilities; 
     table.attrs["gene_alignment"] = gene_alignment if gene_alignment is not None else probabilities.attrs.get("gene_alignment")
     return table
 
-# %% ../nbs/04_base.ipynb #aa5d75e3
+# %% ../nbs/04_base.ipynb #bbc97a29
 def _jsonable(value):
     "A config value as JSON (tuples become lists; anything else unusual its repr)."
     if isinstance(value, dict): return {str(k): _jsonable(v) for k, v in value.items()}
@@ -185,7 +205,7 @@ def save(self:BaseModel,
         if (directory / stale).exists(): (directory / stale).unlink()  # an earlier model's, which would describe another run
     return directory
 
-# %% ../nbs/04_base.ipynb #7b08c9e9
+# %% ../nbs/04_base.ipynb #a875619a
 def read_model_dir(directory:str|Path, # a folder written by a model's save
                    device:str|torch.device="cpu", # where tensors are loaded ("auto": the best available)
                   ) -> dict:
@@ -224,7 +244,7 @@ def loader_name(kind:str) -> str:
     module = KINDS.get(kind, getattr(cls, "__module__", "?"))
     return f"{module}.{cls.__qualname__ if cls else kind.rsplit('.', 1)[-1]}.load(dir)"
 
-# %% ../nbs/04_base.ipynb #795360fb
+# %% ../nbs/04_base.ipynb #a859d3de
 @patch(cls_method=True)
 def load(cls:BaseModel,
          directory:str|Path, # a folder written by `save`

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .base import BaseModel, label_predictions
+from .base import BaseModel, check_anndata, label_predictions
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_counts, normalize_log1p
 from .nn import attention as dot_product_attention, mlp
 from .train import History, load_model_state, seed_everything
@@ -257,6 +257,7 @@ class HRCAAnnotator(BaseModel):
 
     def _check_cells(self, adata:ad.AnnData, name:str, labelled:bool=False, genes:list[str]|None=None):
         "Clear errors for empty data, a missing label column, non-count X, or genes other than `genes` (the training genes)."
+        check_anndata(adata, name)
         if adata.n_obs == 0 or adata.n_vars == 0: raise ValueError(f"{name} is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
         key = self.config.label_key
         if labelled and key not in adata.obs:
@@ -308,6 +309,19 @@ def _user_stacklevel() -> int:
         frame, level = frame.f_back, level + 1
     return level
 
+def _check_training_cells(hierarchy:LabelHierarchy, label_key:str, adata:ad.AnnData, validation:ad.AnnData|None):
+    "Refuse a single cell type (no classifier to train); warn when validation cells are also training cells."
+    classes = hierarchy.classes[label_key]
+    if len(classes) < 2:
+        raise ValueError(f"adata.obs[{label_key!r}] has a single cell type ({classes}); a classifier needs at least two. "
+                         "Add cells of other types, or use pretrain/embed alone for unlabelled data.")
+    if validation is not None:
+        shared = adata.obs_names.intersection(validation.obs_names)
+        if len(shared):
+            warnings.warn(f"{len(shared):,} of the {validation.n_obs:,} validation cells are also training cells (same obs_names, e.g. "
+                          f"{shared[0]!r}): the best epoch is then chosen on cells the model trains on. Hold them out, "
+                          "e.g. with cellmtl.data.stratified_split.", stacklevel=_user_stacklevel())
+
 def _warn_few_cells(hierarchy:LabelHierarchy, label_key:str, min_cells:int):
     "One UserWarning naming the cell types with fewer than `min_cells` training cells (HRCA's guidance)."
     counts = pd.Series(hierarchy.class_counts[label_key], index=hierarchy.classes[label_key])
@@ -335,10 +349,12 @@ def fit(self:HRCAAnnotator,
        ) -> HRCAAnnotator:
     "Fine-tune the Gene-AE (pre-trained, else new) with a new SE-Classifier; runs of at most `warmup_epochs` epochs keep a constant LR."
     c, first = self.config, self.model_ is None
+    check_anndata(adata)
     genes = [str(g) for g in adata.var_names] if first else self.genes_
     for name, data in (("adata", adata), ("validation", validation)):
         if data is not None: self._check_cells(data, name, labelled=True, genes=genes)
     hierarchy = LabelHierarchy(adata.obs, [c.label_key])
+    _check_training_cells(hierarchy, c.label_key, adata, validation)
     _warn_few_cells(hierarchy, c.label_key, c.min_cells_per_type)
     gene_ae = self._new_gene_ae(genes, seed) if first else self.gene_ae_
     seed_everything(seed)  # the classifier's weights do not depend on whether the Gene-AE was pre-trained
@@ -362,6 +378,7 @@ def _encoded(self:HRCAAnnotator,
              head, # callable: (B, d_model) embedding tensor → (B, ...) output tensor
             ) -> tuple[np.ndarray, GeneAlignment|None]:
     "head(Gene-AE embedding) of every cell, batch by batch (log-normalised, uncorrupted, eval mode, no gradients), and the gene report."
+    check_anndata(adata)
     self.check_fitted()
     check_counts(adata.X, "adata.X")
     report = None

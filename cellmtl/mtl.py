@@ -27,8 +27,8 @@ from torch import nn
 from fastcore.basics import patch
 
 from . import __version__
-from .base import BaseModel
-from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_not_scaled, repeated_names, row_indices, stratified_split
+from .base import BaseModel, check_anndata
+from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_not_scaled, format_names, repeated_names, row_indices, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
 from .train import CheckpointError, fit, load_model_state, save_checkpoint, seed_everything
 
@@ -238,6 +238,7 @@ def adam(params, # parameters to optimise
 
 def _check_expression(adata:ad.AnnData, what:str="adata"):
     "Raise ValueError for inputs PH-Map cannot binarise: no cells/genes, duplicate genes, negative or NaN values."
+    check_anndata(adata, what)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{what} is empty ({adata.n_obs} cells x {adata.n_vars} genes); check the filtering that produced it.")
     if adata.var_names.has_duplicates:
@@ -453,11 +454,31 @@ def score(self:HierarchicalAnnotator,
           **predict_kwargs, # passed to predict (decoding, calibrated, unassigned_threshold)
          ) -> pd.DataFrame:
     "Per-level accuracy, macro-F1, Unassigned share and consistency (down to that level) of `predict(query)`."
+    self._check_truth(check_anndata(query, "query"))  # before the prediction, which may take long
     predictions = self.predict(query, **predict_kwargs)
     levels = self.config.label_keys
     scores = score_predictions(predictions, query.obs, levels)
     scores["consistency"] = [consistency_rate(predictions, self.hierarchy_, k + 1) for k in range(len(levels))]
     return scores
+
+# %% ../nbs/10_mtl.ipynb #ff7e066b
+@patch
+def _check_truth(self:HierarchicalAnnotator, query:ad.AnnData):
+    "Before scoring: the label columns exist; warn about labels the model never saw and about 'nan' text labels."
+    self.check_fitted()
+    missing = [level for level in self.config.label_keys if level not in query.obs.columns]
+    if missing: raise KeyError(f"query.obs has no label column(s) {missing} to score against (columns: {list(query.obs.columns)[:15]}); "
+                               "score compares with the true labels: use predict or annotate for unlabelled cells.")
+    for level in self.config.label_keys:
+        truth = query.obs[level].dropna().astype(str)
+        as_text = truth.isin(["nan", "NaN", "None", "<NA>"])
+        if as_text.any():
+            warnings.warn(f"{as_text.sum():,} cells have the text label {truth[as_text].iloc[0]!r} at {level}: probably missing values "
+                          "turned into text (e.g. by .astype(str)); they are scored as wrong. Set them to NaN and they are skipped.", stacklevel=3)
+        unseen = truth[~truth.isin(self.hierarchy_.classes[level]) & ~as_text]
+        if len(unseen):
+            warnings.warn(f"{len(unseen):,} cells carry {level} labels the model never saw in training ({format_names(unseen.unique())}); "
+                          "they can only be scored as wrong.", stacklevel=3)
 
 # %% ../nbs/10_mtl.ipynb #8c51b200
 @patch

@@ -92,3 +92,25 @@ def test_a_second_run_into_one_checkpoint_dir_is_refused(tmp_path):
         fit(nn.Linear(2, 1), loss, [torch.ones(4, 2)], **run)
     fit(nn.Linear(2, 1), loss, [torch.ones(4, 2)], **run, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["run_1", "run_2"]
+
+
+def test_matrices_and_frames_are_refused_with_the_wrapping_line(annotator, pbmc):
+    with pytest.raises(TypeError, match=r"ad.AnnData\(X, var=pd.DataFrame\(index=gene_names\)\)"):
+        annotator.predict(pbmc.X)
+    frame = pd.DataFrame(pbmc.X[:5].toarray(), index=pbmc.obs_names[:5], columns=pbmc.var_names)
+    with pytest.raises(TypeError, match="var=pd.DataFrame\\(index=df.columns\\)"):
+        annotator.embed(frame)
+
+
+def test_score_checks_the_labels_before_predicting(annotator, pbmc):
+    import anndata as ad
+    with pytest.raises(KeyError, match="no label column"):
+        annotator.score(ad.AnnData(pbmc.X, var=pbmc.var))
+    relabelled = pbmc[:40].copy()
+    relabelled.obs["anno_lv2"] = relabelled.obs["anno_lv2"].astype(object)
+    relabelled.obs.iloc[:2, relabelled.obs.columns.get_loc("anno_lv2")] = "nan"
+    relabelled.obs.iloc[2:5, relabelled.obs.columns.get_loc("anno_lv2")] = "platelet"
+    with pytest.warns(UserWarning) as caught:
+        annotator.score(relabelled)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "2 cells have the text label 'nan'" in messages and "3 cells carry anno_lv2 labels the model never saw" in messages

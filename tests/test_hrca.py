@@ -224,3 +224,15 @@ def test_adapters_are_thin_over_the_class(bench, tmp_path):
         fine_tune(train, val, gene_ae, obs_name="lineage", n_epochs=1, use_device="cpu")
     with pytest.raises(ValueError, match="genes differ"):
         fine_tune(train[:, :60].copy(), val, gene_ae, obs_name="cell_line", n_epochs=1, use_device="cpu")
+
+
+def test_one_cell_type_is_refused_and_shared_validation_cells_are_named(cells):
+    one_type = cells.copy()
+    one_type.obs["cell_type"] = "T cell"
+    with pytest.raises(ValueError, match="single cell type"):
+        HRCAAnnotator(**TINY, min_cells_per_type=0).fit(one_type, epochs=1, device="cpu")
+    with pytest.warns(UserWarning, match="300 of the 300 validation cells are also training cells") as caught:
+        HRCAAnnotator(**TINY, min_cells_per_type=0).fit(cells, validation=cells, epochs=1, device="cpu")
+    assert caught[0].filename == __file__  # points at the user's line, not into cellmtl or torch
+    with pytest.raises(TypeError, match=r"ad.AnnData\(X, var=pd.DataFrame\(index=gene_names\)\)"):
+        HRCAAnnotator(**TINY).fit(cells.X, epochs=1)

@@ -17,7 +17,7 @@ import scanpy as sc
 import torch
 from fastcore.basics import patch
 
-from ..base import BaseModel, label_predictions
+from ..base import BaseModel, check_anndata, label_predictions
 from ..data import GeneAlignment, LabelHierarchy, align_genes, normalize_log1p, stratified_split
 from .model import ClsDecoder, TransformerConfig, TransformerModel, embed_cells
 from .objectives import OBJECTIVES, TransformerLoss
@@ -132,6 +132,7 @@ def highly_variable_genes(adata:ad.AnnData, # cells x genes, raw counts in X
 @patch
 def _prepare(self:TransformerAnnotator, adata:ad.AnnData):
     "First use: choose the genes, build their vocabulary, fix the order of the batch categories."
+    check_anndata(adata)
     if adata.n_obs == 0 or adata.n_vars == 0: raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     if adata.var_names.has_duplicates:
         raise ValueError("adata.var_names repeats gene names; call adata.var_names_make_unique() or aggregate the repeated genes first.")
@@ -148,6 +149,7 @@ def _prepare(self:TransformerAnnotator, adata:ad.AnnData):
 @patch
 def _aligned(self:TransformerAnnotator, adata:ad.AnnData) -> ad.AnnData:
     "`adata` with the annotator's genes as columns (itself when they already are), the report in `alignment_`."
+    check_anndata(adata)
     if adata.n_obs == 0: raise ValueError("adata has no cells (n_obs == 0).")
     if [str(g) for g in adata.var_names] == self.genes_:
         n = len(self.genes_)
