@@ -4,14 +4,17 @@
 
 # %% auto #0
 __all__ = ['UnlabeledPolicy', 'Transform', 'binarize', 'normalize_log1p', 'count_stats', 'check_not_scaled', 'check_counts',
-           'looks_log_transformed', 'format_names', 'repeated_names', 'require_columns', 'row_indices', 'GeneAlignment',
-           'align_genes', 'LabelHierarchy', 'stratified_split', 'csr_rows', 'csr_rows_to_dense', 'to_torch_csr',
-           'CSRBatchLoader', 'read_backed']
+           'looks_log_transformed', 'check_binarizable', 'format_names', 'repeated_names', 'require_columns',
+           'row_indices', 'GeneAlignment', 'ensembl_ids', 'gene_alias_table', 'entrez_genes', 'align_genes',
+           'LabelHierarchy', 'stratified_split', 'csr_rows', 'csr_rows_to_dense', 'to_torch_csr', 'CSRBatchLoader',
+           'read_backed']
 
 # %% ../nbs/00_data.ipynb #79ccceff
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
@@ -79,33 +82,51 @@ def _is_backed_sparse(X) -> bool:
     "True for anndata's on-disk sparse datasets (what `adata.X` is for `read_h5ad(..., backed='r')`)."
     return not sp.issparse(X) and getattr(X, "format", None) in ("csr", "csc") and hasattr(X, "shape")
 
-def _value_blocks(X, block_values:int=1 << 22) -> Iterator[np.ndarray]:
-    "Yield the (stored) values of `X` as 1-D arrays of about `block_values` elements, never the whole dense matrix."
+def _value_blocks(X, block_values:int=1 << 22) -> Iterator[tuple[np.ndarray, int]]:
+    "Yield (values, entries): `X`'s (stored) values in blocks of about `block_values`, and the matrix entries each block covers."
     if isinstance(X, ad.AnnData): X = X.X
     if X is None: raise ValueError("the AnnData has no X matrix; pass the matrix (or layer) to check.")
     if isinstance(X, torch.Tensor): X = X.detach().cpu().numpy()
     if sp.issparse(X):
-        for start in range(0, X.data.size, block_values): yield X.data[start:start + block_values]
+        n_rows, n_columns = X.shape
+        if X.format == "csr":  # whole rows per block, so `entries` (implicit zeros included) is exact even for a partial scan
+            start = 0
+            while start < n_rows:
+                stop = int(np.searchsorted(X.indptr, X.indptr[start] + block_values, side="right")) - 1
+                stop = min(max(stop, start + 1), n_rows)
+                yield X.data[X.indptr[start]:X.indptr[stop]], (stop - start) * n_columns
+                start = stop
+            return
+        data = X.data  # other sparse formats: chunks of stored values, entries pro rata
+        if data.size == 0: yield data, n_rows * n_columns
+        for start in range(0, data.size, block_values):
+            chunk = data[start:start + block_values]
+            yield chunk, round(n_rows * n_columns * chunk.size / data.size)
         return
     if len(X.shape) != 2: raise ValueError(f"expected a 2-D cells x genes matrix, got shape {tuple(X.shape)}.")
     rows = max(1, block_values // max(1, X.shape[1]))  # rows per block
     for start in range(0, X.shape[0], rows):
         block = X[start:start + rows]  # in-memory view, or one read from disk for backed data
-        yield block.data if sp.issparse(block) else np.asarray(block).ravel()
+        yield (block.data if sp.issparse(block) else np.asarray(block).ravel()), block.shape[0] * X.shape[1]
 
+# %% ../nbs/00_data.ipynb #88384dfe
 def count_stats(
     X, # matrix to scan: scipy sparse, ndarray, torch.Tensor, backed dataset or AnnData (scans .X)
     max_values:int|None=None, # stop after about this many (stored) values; None: scan all
 ) -> dict:
-    "Counts of negative, non-finite and non-integer values of `X` plus its finite min/max, scanned block by block."
-    stats = dict(n_values=0, n_negative=0, minimum=np.inf, maximum=-np.inf, n_nonfinite=0, n_noninteger=0, example=None)
-    for values in _value_blocks(X):
+    "Negative, non-finite, non-integer and zero values of `X` (implicit sparse zeros included) plus its finite min/max, block by block."
+    stats = dict(n_values=0, n_negative=0, minimum=np.inf, maximum=-np.inf, n_nonfinite=0, n_noninteger=0, example=None,
+                 n_entries=0, n_zero=0)
+    for values, entries in _value_blocks(X):
+        stats["n_entries"] += entries
+        stats["n_zero"] += entries - values.size  # implicit zeros of a sparse block (none for a dense one)
         if values.size == 0: continue
         finite = np.isfinite(values)
         if not finite.all():
             stats["n_nonfinite"] += int((~finite).sum()); values = values[finite]
             if values.size == 0: continue
         stats["n_values"] += values.size
+        stats["n_zero"] += int((values == 0).sum())  # stored (explicit) zeros and dense zeros
         stats["minimum"] = min(stats["minimum"], float(values.min())); stats["maximum"] = max(stats["maximum"], float(values.max()))
         stats["n_negative"] += int((values < 0).sum())
         if not np.issubdtype(values.dtype, np.integer):
@@ -148,6 +169,27 @@ def looks_log_transformed(
     if isinstance(X, ad.AnnData) and "log1p" in X.uns: return True
     s = count_stats(X, max_values=max_values)
     return s["n_negative"] == 0 and s["n_noninteger"] > 0 and s["maximum"] <= 30
+
+# %% ../nbs/00_data.ipynb #c7c6ab21
+_BINARIZE_HINT = ("pass counts or log-normalised values, in which an undetected gene is exactly 0 (e.g. adata.raw.to_adata() or "
+                  "a counts layer), not shifted or min-max scaled ones")
+
+def check_binarizable(
+    X, # matrix a model will binarise (X > 0): scipy sparse, ndarray, torch.Tensor, backed dataset or AnnData (checks .X)
+    what:str="X", # the name used in the error message, e.g. "query.X"
+    min_zero_fraction:float=0.01, # refuse when fewer than this fraction of the entries (implicit zeros included) are 0
+    needs:str=_BINARIZE_HINT, # what to pass instead (appended to the message)
+    max_values:int|None=None, # scan at most about this many stored values; None: all
+) -> dict:
+    "Raise `ValueError` unless `X > 0` can mean 'detected': no NaN/inf, no negative (scaled) values and at least some zeros."
+    s = check_not_scaled(X, what, needs=needs, max_values=max_values)
+    fraction = s["n_zero"] / max(1, s["n_entries"])
+    if s["n_entries"] and fraction < min_zero_fraction:
+        found = "no zero entries" if s["n_zero"] == 0 else f"only {s['n_zero']:,} zero entries ({fraction:.2%})"
+        raise ValueError(f"{what} has {found} among its {s['n_entries']:,} values (min {s['minimum']:.4g}): after binarisation "
+                         "(X > 0) every gene would read as 'detected' in every cell. It looks shifted (a constant added) or "
+                         f"min-max scaled; {needs}. (The check refuses fewer than min_zero_fraction={min_zero_fraction:g} zeros.)")
+    return s
 
 # %% ../nbs/00_data.ipynb #3694b924
 def format_names(
@@ -208,25 +250,31 @@ def row_indices(
 # %% ../nbs/00_data.ipynb #98707e3f
 @dataclass
 class GeneAlignment:
-    "What `align_genes` did: reference genes found, zero-filled (missing) and query genes dropped (extra)."
+    "What `align_genes` did: reference genes found (some under another symbol or ID), zero-filled (missing) and query genes dropped (extra)."
     n_reference: int # genes in the reference list (columns of the aligned matrix)
     n_query: int # genes in the query AnnData
-    n_found: int # reference genes present in the query
+    n_found: int # reference genes present in the query (by name, or rescued under another identifier)
     n_missing: int # reference genes absent from the query: zero-filled columns
     n_extra: int # query genes absent from the reference: dropped
     overlap: float # n_found / n_reference
+    n_rescued: int = 0 # of n_found: reference genes the query names differently (previous symbol/alias, same Ensembl ID)
     missing: list = field(default_factory=list, repr=False) # names of the zero-filled reference genes
     extra: list = field(default_factory=list, repr=False) # names of the dropped query genes
+    rescued: list = field(default_factory=list, repr=False) # (reference gene, query gene, "orf case" | "Ensembl ID" | "Entrez gene") per rescue
 
     def summary(self, max_names:int=10) -> str:
-        "A few readable lines: overlap, then example missing and extra genes."
+        "A few readable lines: overlap, then the rescued, example missing and extra genes."
         lines = [f"found {self.n_found:,} of {self.n_reference:,} reference genes ({self.overlap:.1%}) among {self.n_query:,} query genes"]
+        if self.n_rescued:
+            pairs = [f"{reference!r} as {query!r}" for reference, query, _ in self.rescued]
+            lines.append(f"{self.n_rescued:,} of them under another symbol or ID (same Entrez gene, Ensembl ID or orf case): {format_names(pairs, max_names, quote=False)}")
         if self.n_missing: lines.append(f"{self.n_missing:,} reference genes missing from the query, zero-filled: {format_names(self.missing, max_names)}")
         if self.n_extra: lines.append(f"{self.n_extra:,} query genes not in the reference, dropped: {format_names(self.extra, max_names)}")
         return "\n".join(lines)
 
     def __repr__(self):
-        return (f"GeneAlignment(found {self.n_found:,}/{self.n_reference:,} reference genes ({self.overlap:.1%}), "
+        rescued = f"; {self.n_rescued:,} under another symbol" if self.n_rescued else ""
+        return (f"GeneAlignment(found {self.n_found:,}/{self.n_reference:,} reference genes ({self.overlap:.1%}{rescued}), "
                 f"{self.n_missing:,} missing -> zero-filled, {self.n_extra:,} extra query genes dropped)")
 
 # %% ../nbs/00_data.ipynb #78cbd270
@@ -245,38 +293,8 @@ def _remap_columns(
     out.sort_indices()  # column order within each row changed with the remap
     return out
 
-def align_genes(
-    adata:ad.AnnData, # query cells (in memory or backed); var_names are gene names
-    genes, # reference gene names in model order: list/Index of str, or an AnnData (its var_names)
-    layer:str|None=None, # use adata.layers[layer] instead of adata.X
-    warn_below:float=0.5, # warn when fewer than this fraction of reference genes are found
-    block_rows:int=50_000, # rows remapped at a time (bounds the temporary memory)
-) -> tuple[ad.AnnData, GeneAlignment]:
-    "Reorder/zero-fill `adata`'s genes to `genes`: CSR float32 X with var_names == genes, obs kept, plus a report."
-    reference = pd.Index(genes.var_names if isinstance(genes, ad.AnnData) else list(genes)).astype(str)
-    query = pd.Index(adata.var_names).astype(str)
-    if len(reference) == 0: raise ValueError("the reference gene list is empty; pass the model's gene names in input order.")
-    if adata.n_obs == 0: raise ValueError("adata has no cells (n_obs == 0); nothing to align.")
-    if reference.has_duplicates:
-        names, n = repeated_names(reference)
-        raise ValueError(f"the reference gene list repeats {n} gene names ({names}); a reference must name each column once, "
-                         "e.g. genes = list(dict.fromkeys(genes)).")
-    if query.has_duplicates:
-        names, n = repeated_names(query)
-        raise ValueError(f"adata.var_names repeats {n} gene names ({names}), so it is ambiguous which column to use; "
-                         "call adata.var_names_make_unique() (or aggregate the repeated genes) before align_genes.")
-    column_map = reference.get_indexer(query)  # (n_query,) reference column of each query gene, -1 if absent
-    found = column_map >= 0
-    n_found = int(found.sum())
-    if n_found == 0:
-        raise ValueError(f"none of the {len(reference):,} reference genes occur among the query's {len(query):,} var_names "
-                         f"(query e.g. {list(query[:3])}, reference e.g. {list(reference[:3])}); check that both use the same "
-                         "gene identifiers (symbols vs. Ensembl IDs, upper/lower case, version suffixes like '.1').")
-    in_query = np.zeros(len(reference), bool); in_query[column_map[found]] = True
-    report = GeneAlignment(n_reference=len(reference), n_query=len(query), n_found=n_found, n_missing=int((~in_query).sum()),
-                           n_extra=int((~found).sum()), overlap=n_found / len(reference),
-                           missing=reference[~in_query].tolist(), extra=query[~found].tolist())
-    if report.overlap < warn_below: warnings.warn(f"align_genes: low gene overlap; {report.summary(5)}", stacklevel=2)
+def _remapped(adata, layer, column_map, reference, in_query, query, block_rows) -> ad.AnnData:
+    "The aligned AnnData: X remapped block by block to the reference columns, var with `in_query` and the `query_gene` used."
     matrix = adata.layers[layer] if layer is not None else adata.X
     if matrix is None: raise ValueError("adata.X is None; pass layer= to align a layer instead.")
     column_map = column_map.astype(np.int32 if len(reference) < np.iinfo(np.int32).max else np.int64)
@@ -286,9 +304,142 @@ def align_genes(
         block = block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))  # dense input: already dense
         blocks.append(_remap_columns(block, column_map, len(reference)))
     X = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-    var = pd.DataFrame({"in_query": in_query}, index=pd.Index(reference, name=None))
-    aligned = ad.AnnData(X=X, obs=adata.obs.copy(), var=var, obsm={k: v for k, v in adata.obsm.items()}, uns=dict(adata.uns))
-    return aligned, report
+    query_gene = np.full(len(reference), "", dtype=object); query_gene[column_map[column_map >= 0]] = np.asarray(query)[column_map >= 0]
+    var = pd.DataFrame({"in_query": in_query, "query_gene": query_gene}, index=pd.Index(reference, name=None))
+    return ad.AnnData(X=X, obs=adata.obs.copy(), var=var, obsm={k: v for k, v in adata.obsm.items()}, uns=dict(adata.uns))
+
+# %% ../nbs/00_data.ipynb #11d843b5
+_ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl", "feature_id", "gene_ensembl_id")
+_ENSEMBL_ID = r"^ENS[A-Z]*G\d{6,}(\.\d+)?$"  # human ENSG..., mouse ENSMUSG..., with an optional version suffix
+
+def ensembl_ids(
+    genes, # a var DataFrame (AnnData.var), an AnnData (its var), or a list/Index of gene names
+) -> np.ndarray|None:
+    "Each gene's Ensembl gene ID without version ('' where none): from Ensembl var_names, else a var column like `gene_ids`; None if no IDs."
+    var = genes.var if isinstance(genes, ad.AnnData) else genes if isinstance(genes, pd.DataFrame) else pd.DataFrame(index=pd.Index(list(genes)))
+    candidates = [pd.Series(var.index.astype(str))] + [var[c].astype(str).reset_index(drop=True) for c in _ENSEMBL_COLUMNS if c in var.columns]
+    for values in candidates:
+        is_id = values.str.match(_ENSEMBL_ID).to_numpy()
+        if len(values) and is_id.mean() >= 0.5:  # most of them are Ensembl IDs: use this source
+            return np.where(is_id, values.str.replace(r"\.\d+$", "", regex=True), "").astype(object)
+    return None
+
+_ORF = r"^(C(?:\d+|X|Y))ORF(\d+)"  # HGNC writes open reading frames C1orf162; some files upper-case them (C1ORF162)
+
+def _orf_lowered(names) -> pd.Index:
+    "Gene names with an upper-cased open-reading-frame symbol (C1ORF162) written the HGNC way (C1orf162)."
+    return pd.Index(list(names)).astype(str).str.replace(_ORF, r"\1orf\2", regex=True)
+
+@functools.lru_cache(maxsize=1)
+def gene_alias_table() -> pd.DataFrame:
+    "The shipped human symbol/alias table (org.Hs.eg.db): name, entrez_id, current (1 = the gene's current HGNC symbol)."
+    path = Path(str(resources.files("cellmtl") / "resources" / "gene_aliases.tsv.gz"))
+    if not path.is_file():
+        raise FileNotFoundError(f"package resource {path} is missing; reinstall cellmtl (pip install -e .) or rebuild it with "
+                                "python data/build_gene_aliases.py (see data/README.md), or pass rescue_symbols=False.")
+    return pd.read_csv(path, sep="\t", comment="#", dtype=str, keep_default_na=False)
+
+@functools.lru_cache(maxsize=1)
+def _entrez_of_name() -> pd.Series:
+    "name -> Entrez gene for the names that identify one gene: a current symbol of one gene, else an alias of one gene."
+    table = gene_alias_table()
+    current = table[table["current"] == "1"]
+    aliases = table[(table["current"] == "0") & ~table["name"].isin(current["name"])]
+    unique = [part[~part["name"].duplicated(keep=False)] for part in (current, aliases)]  # a name of two genes is ambiguous
+    return pd.concat(unique).set_index("name")["entrez_id"]
+
+def entrez_genes(
+    names, # human gene names: current symbols, previous symbols, aliases or Ensembl IDs
+    ensembl=None, # optional Ensembl ID per name ('' where none), e.g. from `ensembl_ids`; used first
+) -> np.ndarray:
+    "The Entrez gene ID of each name ('' when unknown or ambiguous): from its Ensembl ID, else its symbol or unambiguous alias."
+    from cellmtl.datasets import gene_symbol_table  # the shipped Ensembl -> Entrez table (datasets imports this module)
+    names = _orf_lowered(names)
+    by_name = _entrez_of_name().reindex(names).fillna("").to_numpy(dtype=object)
+    if ensembl is None: ids = np.where(names.str.match(_ENSEMBL_ID), names.str.replace(r"\.\d+$", "", regex=True), "")  # names that are IDs
+    else: ids = np.asarray(ensembl, dtype=object)
+    if not (ids != "").any(): return by_name
+    by_id = gene_symbol_table()["entrez_id"].reindex(pd.Index(ids)).fillna("").to_numpy(dtype=object)
+    return np.where(by_id != "", by_id, by_name)
+
+# %% ../nbs/00_data.ipynb #252c6c77
+def _unique_matches(reference_keys, query_keys, free_reference:np.ndarray, free_query:np.ndarray) -> list[tuple[int, int]]:
+    "(i, j) where reference key i equals query key j, the key occurs once on each side ('' never matches) and both are still free."
+    reference = pd.Series(np.asarray(reference_keys, dtype=object)).fillna("")
+    query = pd.Series(np.asarray(query_keys, dtype=object)).fillna("")
+    reference_once = reference[(reference != "") & ~reference.duplicated(keep=False) & free_reference]
+    query_once = query[(query != "") & ~query.duplicated(keep=False)]
+    position = pd.Index(query_once.to_numpy()).get_indexer(reference_once.to_numpy())  # (n,) into query_once, -1 if absent
+    pairs = [(int(i), int(query_once.index[p])) for i, p in zip(reference_once.index, position) if p >= 0]
+    return [(i, j) for i, j in pairs if free_query[j]]
+
+def _rescue_pairs(
+    reference:pd.Index, query:pd.Index, # gene names of both sides
+    column_map:np.ndarray, # (n_query,) reference column of each query gene matched by name, -1 if none
+    reference_ids, query_ids, # Ensembl IDs per gene ('' where none), or None
+) -> list[tuple[int, int, str]]:
+    "(reference column, query column, via) for missing reference genes the query holds under another identifier."
+    free_reference = np.ones(len(reference), bool); free_reference[column_map[column_map >= 0]] = False
+    free_query = column_map < 0
+    pairs = []
+    for i, j in _unique_matches(_orf_lowered(reference), _orf_lowered(query), free_reference, free_query):
+        pairs.append((i, j, "orf case")); free_reference[i] = free_query[j] = False
+    if reference_ids is not None and query_ids is not None:
+        for i, j in _unique_matches(reference_ids, query_ids, free_reference, free_query):
+            pairs.append((i, j, "Ensembl ID")); free_reference[i] = free_query[j] = False
+    if free_reference.any() and free_query.any():
+        reference_entrez, query_entrez = entrez_genes(reference, reference_ids), entrez_genes(query, query_ids)
+        pairs += [(i, j, "Entrez gene") for i, j in _unique_matches(reference_entrez, query_entrez, free_reference, free_query)]
+    return sorted(pairs, key=lambda pair: ({"Ensembl ID": 0, "Entrez gene": 1, "orf case": 2}[pair[2]], pair[0]))  # renames first
+
+# %% ../nbs/00_data.ipynb #20df9b08
+def align_genes(
+    adata:ad.AnnData, # query cells (in memory or backed); var_names are gene names
+    genes, # reference gene names in model order: list/Index of str, or an AnnData (its var_names, and var Ensembl IDs if any)
+    layer:str|None=None, # use adata.layers[layer] instead of adata.X
+    min_overlap:float=0.5, # refuse (ValueError) when fewer than this fraction of the reference genes are found; 0 accepts any
+    rescue_symbols:bool=True, # find missing reference genes under previous symbols/aliases or the same Ensembl ID (unambiguous only)
+    warn_below:float=0.5, # warn when the overlap is below this (reachable only with min_overlap below it); 0: never
+    block_rows:int=50_000, # rows remapped at a time (bounds the temporary memory)
+) -> tuple[ad.AnnData, GeneAlignment]:
+    "Reorder/zero-fill `adata`'s genes to `genes`: CSR float32 X with var_names == genes, obs kept, plus a report."
+    reference = pd.Index(genes.var_names if isinstance(genes, ad.AnnData) else list(genes)).astype(str)
+    query = pd.Index(adata.var_names).astype(str)
+    if len(reference) == 0: raise ValueError("the reference gene list is empty; pass the model's gene names in input order.")
+    if adata.n_obs == 0: raise ValueError("adata has no cells (n_obs == 0); nothing to align.")
+    if not 0 <= min_overlap <= 1: raise ValueError(f"min_overlap is a fraction of the reference genes in [0, 1], got {min_overlap!r}.")
+    for names, what, fix in ((reference, "the reference gene list", "a reference must name each column once, e.g. genes = list(dict.fromkeys(genes))"),
+                             (query, "adata.var_names", "so it is ambiguous which column to use; call adata.var_names_make_unique() "
+                                                        "(or aggregate the repeated genes) before align_genes")):
+        if names.has_duplicates:
+            shown, n = repeated_names(names)
+            raise ValueError(f"{what} repeats {n} gene names ({shown}); {fix}.")
+    column_map = reference.get_indexer(query)  # (n_query,) reference column of each query gene, -1 if absent
+    rescued = []
+    if rescue_symbols and (column_map >= 0).sum() < len(reference) and (column_map < 0).any():
+        rescued = _rescue_pairs(reference, query, column_map, ensembl_ids(genes if isinstance(genes, ad.AnnData) else reference),
+                                ensembl_ids(adata.var))
+        for i, j, _ in rescued: column_map[j] = i
+    found = column_map >= 0
+    n_found = int(found.sum())
+    if n_found == 0:
+        raise ValueError(f"none of the {len(reference):,} reference genes occur among the query's {len(query):,} var_names "
+                         f"(query e.g. {list(query[:3])}, reference e.g. {list(reference[:3])}); check that both use the same "
+                         "gene identifiers (symbols vs. Ensembl IDs, species, upper/lower case, version suffixes like '.1').")
+    overlap = n_found / len(reference)
+    if overlap < min_overlap:
+        via = f", {len(rescued):,} of them under another symbol or ID" if rescued else ""
+        raise ValueError(f"the query has {n_found:,} of the {len(reference):,} reference (training) genes ({overlap:.1%}{via}), below "
+                         f"min_overlap={min_overlap:g}: predictions from so few genes are not reliable. Check that both use the same "
+                         "gene identifiers (symbols vs. Ensembl IDs, species, upper/lower case); to align anyway pass "
+                         f"min_overlap={math.floor(overlap * 100) / 100:g}.")
+    in_query = np.zeros(len(reference), bool); in_query[column_map[found]] = True
+    report = GeneAlignment(n_reference=len(reference), n_query=len(query), n_found=n_found, n_missing=int((~in_query).sum()),
+                           n_extra=int((~found).sum()), overlap=overlap, n_rescued=len(rescued),
+                           missing=reference[~in_query].tolist(), extra=query[~found].tolist(),
+                           rescued=[(reference[i], query[j], via) for i, j, via in rescued])
+    if report.overlap < warn_below: warnings.warn(f"align_genes: low gene overlap; {report.summary(5)}", stacklevel=2)
+    return _remapped(adata, layer, column_map, reference, in_query, query, block_rows), report
 
 # %% ../nbs/00_data.ipynb #7a94d96a
 UnlabeledPolicy = Literal["error", "drop", "unknown"]

@@ -28,7 +28,7 @@ from fastcore.basics import patch
 
 from . import __version__
 from .base import BaseModel, check_anndata
-from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_not_scaled, format_names, repeated_names, row_indices, stratified_split
+from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_binarizable, check_not_scaled, format_names, repeated_names, row_indices, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
 from .train import CheckpointError, fit, load_model_state, save_checkpoint, seed_everything
 
@@ -244,8 +244,7 @@ def _check_expression(adata:ad.AnnData, what:str="adata"):
     if adata.var_names.has_duplicates:
         raise ValueError(f"{what}.var_names repeats gene names ({repeated_names(adata.var_names)[0]}); call {what}.var_names_make_unique() "
                          "or aggregate the repeated genes first.")
-    check_not_scaled(adata.X, f"{what}.X", max_values=20_000_000,  # the first ~20M stored values (all of them for most datasets)
-                     needs="PH-Map binarises X > 0, which needs counts or log-normalised values: pass adata.raw.to_adata() or the counts layer")
+    check_binarizable(adata.X, f"{what}.X", max_values=20_000_000)  # the first ~20M values: no NaN, no negatives, zeros where genes are undetected
 
 # %% ../nbs/10_mtl.ipynb #f2918692
 @dataclass
@@ -376,7 +375,9 @@ def fit(self:HierarchicalAnnotator,
 
 # %% ../nbs/10_mtl.ipynb #d6d57b15
 @patch
-def _aligned(self:HierarchicalAnnotator, query:ad.AnnData) -> ad.AnnData:
+def _aligned(self:HierarchicalAnnotator, query:ad.AnnData,
+             min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes
+            ) -> ad.AnnData:
     "The query with the training genes as columns (itself when they already match), its report in `alignment_`."
     self.check_fitted()
     _check_expression(query, "query")
@@ -384,7 +385,7 @@ def _aligned(self:HierarchicalAnnotator, query:ad.AnnData) -> ad.AnnData:
         n = len(self.genes_)
         self.alignment_ = GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
         return query
-    aligned, self.alignment_ = align_genes(query, self.genes_)
+    aligned, self.alignment_ = align_genes(query, self.genes_, min_overlap=min_overlap, warn_below=0)
     if self.alignment_.n_missing:
         warnings.warn(f"query genes differ from the training genes: {self.alignment_.summary(5)}", stacklevel=4)
     return aligned
@@ -415,9 +416,10 @@ def predict_proba(self:HierarchicalAnnotator,
                   query:ad.AnnData, # cells to annotate (in memory or backed); genes aligned by name
                   calibrated:bool=True, # divide the logits by the fitted per-level temperatures
                   batch_size:int=8192, # cells per forward pass
+                  min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
                  ) -> dict[str, np.ndarray]:
     "Per-level (N, C_l) softmax probabilities, columns in `hierarchy_.classes[level]` order (no decoding)."
-    logits = self._logits(self._aligned(query), batch_size=batch_size)
+    logits = self._logits(self._aligned(query, min_overlap), batch_size=batch_size)
     levels = self.config.label_keys
     temperatures = [self.temperatures_[level] if calibrated else 1.0 for level in levels]
     return {level: torch.softmax(torch.from_numpy(z) / t, dim=1).numpy() for level, z, t in zip(levels, logits, temperatures)}
@@ -429,11 +431,12 @@ def predict(self:HierarchicalAnnotator,
             calibrated:bool=True, # use the fitted temperatures
             unassigned_threshold:float|None=None, # None: the annotator's default; predictions below it become "Unassigned"
             batch_size:int=8192, # cells per forward pass
+            min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
            ) -> pd.DataFrame:
     "A table indexed by the query's obs_names: per level `predicted_<level>` (categorical) and `predicted_<level>_prob`."
     decoding, levels = decoding or self.config.decoding, self.config.label_keys
     threshold = check_threshold(unassigned_threshold if unassigned_threshold is not None else self.config.unassigned_threshold)
-    probabilities = self.predict_proba(query, calibrated=calibrated, batch_size=batch_size)
+    probabilities = self.predict_proba(query, calibrated=calibrated, batch_size=batch_size, min_overlap=min_overlap)
     codes, chosen = decode_hierarchy(list(probabilities.values()), [self.hierarchy_.parent_index[level] for level in levels], decoding)
     table, unsure = {}, np.zeros(len(codes[0]), bool)
     for level, level_codes, level_prob in zip(levels, codes, chosen):
@@ -485,9 +488,10 @@ def _check_truth(self:HierarchicalAnnotator, query:ad.AnnData):
 def _embed(self:HierarchicalAnnotator,
            query:ad.AnnData, # cells (in memory or backed); genes aligned by name
            batch_size:int=8192, # cells per forward pass
+           min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes
           ) -> np.ndarray:
     "(N, hidden_sizes[-1]) output of the shared trunk: the representation every level's head reads."
-    query, model = self._aligned(query), self.model_.eval()
+    query, model = self._aligned(query, min_overlap), self.model_.eval()
     device = next(model.parameters()).device
     loader = CSRBatchLoader(query, batch_size=batch_size, shuffle=False, transform="binarize", sparse=True, rank=0, world_size=1)
     with torch.inference_mode(): return np.concatenate([model.shared(batch["x"].to(device)).float().cpu().numpy() for batch in loader])

@@ -127,3 +127,18 @@ def test_mismatched_weights_are_named(annotator, tmp_path):
     torch.save(state, tmp_path / "model" / "model.pt")  # a hand-edited file (the test's own doing)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         HierarchicalAnnotator.load(tmp_path / "model")
+
+
+def test_low_gene_overlap_is_refused_unless_allowed(annotator, cells):
+    query = cells[:20, 280:].copy()  # 20 of the 300 training genes
+    with pytest.raises(ValueError, match=r"20 of the 300 reference \(training\) genes \(6.7%\), below min_overlap=0.5"):
+        annotator.predict(query)
+    with pytest.warns(UserWarning, match="280 reference genes missing"):
+        predictions = annotator.predict(query, min_overlap=0.05)
+    assert len(predictions) == 20 and predictions.attrs["gene_alignment"].n_missing == 280
+
+
+def test_a_matrix_without_zeros_is_refused(cells):
+    shifted = ad.AnnData(cells.X[:60].toarray() + 1.0, obs=cells.obs.iloc[:60].copy(), var=cells.var.copy())
+    with pytest.raises(ValueError, match="every gene would read as 'detected'"):
+        HierarchicalAnnotator(label_keys=LEVELS).fit(shifted)
