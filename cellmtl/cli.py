@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # %% auto #0
@@ -24,24 +25,6 @@ def _figures(args) -> int:
     print(f"cellmtl figures: {n} figure(s) from {len(runs)} notebook(s) in {args.out}/ (index: {args.out}/README.md)")
     return 0
 
-def _datasets(args) -> int:
-    "`cellmtl datasets`: list, fetch or verify the real datasets."
-    from . import datasets
-    import pandas as pd
-    with pd.option_context("display.width", 160, "display.max_colwidth", 70, "display.max_rows", 200):
-        if args.action == "list":
-            print(datasets.list_datasets().to_string(index=False)); return 0
-        if args.action == "fetch":
-            names = args.names or list(datasets.SOURCES)  # default: every downloadable dataset
-            for name in names:
-                for path in datasets.fetch_dataset(name, data_dir=args.data_dir): print(path)
-            return 0
-        report = datasets.verify(data_dir=args.data_dir)
-        print(report.to_string(index=False))
-        bad = report[report["status"] != "ok"]
-        if len(bad): print(f"cellmtl datasets verify: {len(bad)} of {len(report)} file(s) not ok", file=sys.stderr)
-        return 1 if len(bad) else 0
-
 def _readme(args) -> int:
     "`cellmtl readme`: render README.md from nbs/index.ipynb."
     from .pipeline import render_readme
@@ -49,26 +32,102 @@ def _readme(args) -> int:
     if not args.quiet: print(f"wrote {out}")
     return 0
 
+
+# %% ../nbs/91_cli.ipynb #c1d5a7e1
+_NARROW = ["name", "size", "local", "description"]  # `datasets list` without --wide
+
+def _shorten(text:str, width:int=64) -> str:
+    "`text` cut to `width` characters with an ellipsis."
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+def _local_status(table, data_dir=None) -> list[str]:
+    "Per dataset row: 'yes', 'no', 'k of n files' (in the local mirror or the download cache) or 'bundled'."
+    from . import datasets
+    folders = [d for d in (datasets.resolve_data_dir(data_dir), datasets.resolve_cache_dir()) if d is not None]
+    status = []
+    for name, n in zip(table["name"], table["files"]):
+        paths = [p for p, f in datasets.REGISTRY.items() if f.dataset == name]
+        if not paths: status.append("bundled"); continue
+        have = sum(any((d/p).is_file() for d in folders) for p in paths)
+        status.append("yes" if have == len(paths) else "no" if have == 0 else f"{have} of {len(paths)} files")
+    return status
+
+def _check_names(names:list[str]) -> None:
+    "Refuse dataset names that are not downloadable, with the known names (a ValueError: exit status 2)."
+    from . import datasets
+    known = sorted(datasets.SOURCES)
+    bundled = [n for n in names if n not in datasets.SOURCES and n in set(datasets.list_datasets()["name"])]
+    if bundled: raise ValueError(f"{', '.join(bundled)} comes with scanpy (nothing to fetch or verify); downloadable: {', '.join(known)}.")
+    unknown = [n for n in names if n not in datasets.SOURCES]
+    if unknown: raise ValueError(f"unknown dataset {', '.join(map(repr, unknown))}; known: {', '.join(known)} (see `cellmtl datasets list`).")
+
+
+# %% ../nbs/91_cli.ipynb #c1d5a7e3
+def _verify(args) -> int:
+    "`cellmtl datasets verify`: a summary line when all is well, the files that are not, or one error for a missing folder."
+    from . import datasets
+    mirror = datasets.resolve_data_dir(args.data_dir)
+    root = mirror or datasets.resolve_cache_dir()
+    if not root.is_dir():
+        where = ("--data-dir" if args.data_dir is not None else f"${datasets.DATA_DIR_ENV}") if mirror else "the download cache"
+        fix = ("pass --data-dir (or set $CELLMTL_DATA_DIR) to the folder that holds the copy" if mirror
+               else "run `cellmtl datasets fetch` to download them, or set $CELLMTL_DATA_DIR to a local copy")
+        raise FileNotFoundError(f"the data folder {root} ({where}) does not exist: {fix}.")
+    report = datasets.verify(data_dir=args.data_dir, datasets=args.names or None)
+    bad = report[report["status"] != "ok"]
+    if len(report) and (report["status"] == "missing").all() and not args.wide:  # an empty folder: one line, not a row per file
+        print(f"cellmtl datasets verify: none of the {len(report)} registered file(s) is in {root}: "
+              + ("pass --data-dir (or set $CELLMTL_DATA_DIR) to the folder that holds the copy." if mirror
+                 else "run `cellmtl datasets fetch` to download them, or set $CELLMTL_DATA_DIR to a local copy."), file=sys.stderr)
+        return 1
+    shown = report if args.wide else bad
+    if len(shown): print(shown[["file", "dataset", "status", "path"]].to_string(index=False))
+    if len(bad):
+        print(f"cellmtl datasets verify: {len(bad)} of {len(report)} file(s) in {root} not ok "
+              f"({', '.join(f'{n} {s}' for s, n in bad['status'].value_counts().items())})", file=sys.stderr)
+        return 1
+    print(f"{len(report)} files verified in {root} (sha256 as registered)")
+    return 0
+
+def _datasets(args) -> int:
+    "`cellmtl datasets`: list, fetch or verify the real datasets."
+    from . import datasets
+    import pandas as pd
+    _check_names(args.names)
+    with pd.option_context("display.width", 400, "display.max_colwidth", 120, "display.max_rows", 200):
+        if args.action == "list":
+            table = datasets.list_datasets()
+            table.insert(table.columns.get_loc("size") + 1, "local", _local_status(table, args.data_dir))
+            if not args.wide: table = table[_NARROW].assign(description=[_shorten(d) for d in table["description"]])
+            print(table.to_string(index=False)); return 0
+        if args.action == "fetch":
+            for name in args.names or list(datasets.SOURCES):  # default: every downloadable dataset
+                for path in datasets.fetch_dataset(name, data_dir=args.data_dir): print(path)
+            return 0
+        return _verify(args)
+
+
 # %% ../nbs/91_cli.ipynb #0a3033b3
 def build_parser() -> argparse.ArgumentParser:
     "The `cellmtl` argument parser."
     p = argparse.ArgumentParser(prog="cellmtl", description="cellmtl: multi-task deep learning on single-cell data.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"cellmtl {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{figures,datasets}")  # `readme` is for developers
     f = sub.add_parser("figures", help="regenerate the paper figures with papermill")
     f.add_argument("--profile", default="smoke", help="smoke (default: minutes on CPU), full (paper numbers), test (tiny), or a YAML path")
     f.add_argument("--only", nargs="+", metavar="NAME", help="run only these figure notebooks (stem or unique prefix)")
     f.add_argument("--out", default="figures", help="folder for the PNG/PDF figures and README.md (default: figures)")
     f.add_argument("--notebooks", default=None, help="folder of figure notebooks (default: nbs/figures of this checkout)")
-    f.add_argument("--build", default=None, help="folder for executed copies (default: build/figures/PROFILE)")
+    f.add_argument("--build", default=None, help="folder for executed copies (default: build/figures/PROFILE in the checkout)")
     f.set_defaults(func=_figures)
     d = sub.add_parser("datasets", help="list, fetch or verify the real datasets")
     d.add_argument("action", choices=["list", "fetch", "verify"])
-    d.add_argument("names", nargs="*", help="dataset names for fetch (default: all)")
+    d.add_argument("names", nargs="*", help="dataset names for fetch or verify (default: all)")
     d.add_argument("--data-dir", default=None, help="local copy to use instead of $CELLMTL_DATA_DIR")
+    d.add_argument("--wide", "--long", action="store_true", help="list: every column; verify: every file, not only the bad ones")
     d.set_defaults(func=_datasets)
-    r = sub.add_parser("readme", help="render README.md from nbs/index.ipynb")
+    r = sub.add_parser("readme", description="Developer command: render README.md from nbs/index.ipynb (make export).")  # no help=: not listed
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_readme)
     return p
@@ -78,4 +137,7 @@ def main(argv:list[str]|None=None) -> int:
     args = build_parser().parse_args(argv)
     try: return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"cellmtl {args.command}: {e}", file=sys.stderr); return 2
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) would print the message quoted
+        print(f"cellmtl {args.command}: {msg}", file=sys.stderr); return 2
+    except BrokenPipeError:  # `cellmtl datasets list | head`: the reader left; no traceback
+        sys.stdout = open(os.devnull, "w"); return 0

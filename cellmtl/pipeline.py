@@ -20,9 +20,9 @@ import yaml
 from .files import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['PROFILES', 'FIGURE_RC', 'find_project_root', 'load_profile', 'figure_notebooks', 'unformatted_placeholders',
-           'save_figure', 'FigureNotebookError', 'FigureRun', 'run_notebook', 'promote', 'write_index', 'run_figures',
-           'figure_style', 'render_readme']
+__all__ = ['PROFILES', 'FIGURE_STAGING_ENV', 'FIGURE_RC', 'find_project_root', 'load_profile', 'figure_notebooks',
+           'unformatted_placeholders', 'figure_dir', 'save_figure', 'FigureNotebookError', 'FigureRun', 'run_notebook',
+           'promote', 'write_index', 'run_figures', 'figure_style', 'render_readme']
 
 # %% ../nbs/90_pipeline.ipynb #db5f3a77
 PROFILES = ("smoke", "full", "test")  # smoke: default of `make figures`; full: paper; test: the test suite
@@ -65,18 +65,44 @@ def unformatted_placeholders(text:str) -> list[str]:
     "The `{name}` / `{value:.2f}` placeholders left in `text`, as a caption shows them when its `f` prefix is missing."
     return _PLACEHOLDER.findall(text or "")
 
+FIGURE_STAGING_ENV = "CELLMTL_FIGURE_STAGING"  # set by `run_notebook` while papermill runs a figure notebook: its staging folder
+
+def _notebook_stem() -> str|None:
+    "Stem of the notebook this kernel runs, when Jupyter (JPY_SESSION_NAME) or VS Code (__vsc_ipynb_file__) says."
+    name = os.environ.get("JPY_SESSION_NAME")
+    if not name:
+        try: name = __import__("IPython").get_ipython().user_ns.get("__vsc_ipynb_file__")
+        except Exception: name = None
+    return Path(name).stem if name else None
+
+def figure_dir(out_dir:str|Path="figures", # the folder a notebook or script asks for
+               notebook:str|None=None, # name of the scratch subfolder; default: the running notebook's stem, else "interactive"
+              ) -> Path:
+    "Where figures for `out_dir` go: as asked, except the checkout's committed `figures/` outside the pipeline (then build/figures-scratch/)."
+    out = Path(out_dir)
+    if os.environ.get(FIGURE_STAGING_ENV): return out  # the pipeline runs this notebook: `out_dir` is its staging folder
+    target = out.resolve()
+    try: root = find_project_root(target.parent)
+    except FileNotFoundError: return out  # not inside a checkout: the user's own folder
+    committed = (root/"figures").resolve()
+    if target != committed and committed not in target.parents: return out
+    scratch = root/"build"/"figures-scratch"/(notebook or _notebook_stem() or "interactive")
+    print(f"figure_dir: not run by the figure pipeline, so this writes to {scratch}, not {committed} "
+          "(`make figures` or `cellmtl figures --only NAME` updates figures/ and its index).")
+    return scratch
+
 def save_figure(fig, # a matplotlib Figure
                 name:str, # file stem, e.g. "datasets_overview"
-                out_dir:str|Path="figures", # where to write (the pipeline passes its staging folder)
+                out_dir:str|Path="figures", # where to write (the pipeline passes its staging folder; see `figure_dir`)
                 caption:str="", # one or two sentences: what is shown, on which data (say "simulated" when it is)
                 dpi:int=150, # PNG resolution
                ) -> dict:
-    "Write `fig` as `<name>.png` and `<name>.pdf` (metadata stripped, atomic) plus its caption."
+    "Write `fig` as `<name>.png` and `<name>.pdf` (metadata stripped, atomic) plus its caption, into `figure_dir(out_dir)`."
     if not name or any(c in name for c in "/\\ "): raise ValueError(f"Figure name {name!r} must be a plain file stem (no spaces or slashes).")
     left = unformatted_placeholders(caption)
     if left: raise ValueError(f"The caption of figure {name!r} contains unformatted placeholder(s) {left}: a string part "
                               "without its f prefix; write it as f\"...\" so that the values are filled in.")
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = figure_dir(out_dir); out.mkdir(parents=True, exist_ok=True)
     for suffix, options in (("png", dict(dpi=dpi, metadata=_PNG_METADATA)), ("pdf", dict(metadata=_PDF_METADATA))):
         atomic_write(out/f"{name}.{suffix}", lambda file: fig.savefig(file, format=suffix, bbox_inches="tight", **options))
     info = {"name": name, "caption": caption, "files": [f"{name}.png", f"{name}.pdf"]}
@@ -126,6 +152,8 @@ def run_notebook(notebook:str|Path, # figure notebook to execute
     rel = os.path.relpath(notebook, root)
     run = FigureRun(notebook=rel, profile=params.get("profile", ""), parameters=params, executed=str(executed))
     t0 = time.perf_counter()
+    marker = os.environ.get(FIGURE_STAGING_ENV)
+    os.environ[FIGURE_STAGING_ENV] = str(staging)  # the kernel inherits it: save_figure writes to out_dir as given
     try:
         pm.execute_notebook(str(notebook), str(executed), parameters=params, cwd=str(notebook.parent),
                             kernel_name="python3", progress_bar=sys.stderr.isatty() if progress is None else progress,
@@ -138,6 +166,9 @@ def run_notebook(notebook:str|Path, # figure notebook to execute
         what = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e).splitlines()[0] if str(e) else '')}".rstrip(".")
         run.error = f"{rel} failed in {where}: {what}. Executed copy: {executed}"
         raise FigureNotebookError(run.error) from e
+    finally:
+        if marker is None: os.environ.pop(FIGURE_STAGING_ENV, None)
+        else: os.environ[FIGURE_STAGING_ENV] = marker
     run.seconds = time.perf_counter() - t0
     run.figures = [json.loads(p.read_text()) for p in sorted(staging.glob("*.json"))]
     if not run.figures: 
@@ -196,7 +227,13 @@ def run_figures(profile:str="smoke", # smoke | full | test, or a path to a YAML 
                 log=print, # where one-line progress messages go
                ) -> list[FigureRun]:
     "Run the figure notebooks of `profile` with papermill, promote their figures, rewrite the index."
-    if notebooks_dir is None: notebooks_dir = find_project_root()/"nbs"/"figures"
+    if notebooks_dir is None:
+        try: notebooks_dir = find_project_root()/"nbs"/"figures"
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"No cellmtl checkout found at or above {Path.cwd()}: the figure notebooks live in the "
+                                    "repository. Run from the repository root (`make figures`), or pass --notebooks DIR together "
+                                    "with --out DIR (finished figures; default ./figures) and --build DIR (executed copies; default "
+                                    "build/figures/PROFILE in the checkout that holds the notebooks, or beside them).") from e
     notebooks_dir = Path(notebooks_dir).resolve()
     try: root = find_project_root(notebooks_dir)  # names in messages and the index are relative to the checkout
     except FileNotFoundError: root = notebooks_dir  # notebooks outside a checkout (e.g. the tests' toy ones)

@@ -123,3 +123,73 @@ def test_each_figure_notebook_has_one_typed_commented_parameters_cell():
         lines = [l for l in tagged[0].source.splitlines() if l.strip()]
         assert {"out_dir", "seed", "profile"} <= {l.split(":")[0].strip() for l in lines}, stem
         for l in lines: assert re.match(r"^\w+: [\w\[\], |]+ = .+  # .+", l), f"{stem}: untyped or uncommented parameter: {l!r}"
+
+
+def _toy_checkout(tmp_path: Path) -> Path:
+    "A folder that find_project_root takes for a checkout, with a committed-looking figures/."
+    (tmp_path / "pyproject.toml").write_text(""); (tmp_path / "nbs" / "figures").mkdir(parents=True)
+    (tmp_path / "figures").mkdir(); (tmp_path / "figures" / "index.json").write_text("[]\n")
+    return tmp_path
+
+
+def _line_figure():
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2, 2)); ax.plot([0, 1])
+    return fig
+
+
+def test_save_figure_outside_the_pipeline_writes_to_scratch_not_figures(tmp_path, monkeypatch, capsys):
+    from cellmtl.pipeline import FIGURE_STAGING_ENV, save_figure
+    root = _toy_checkout(tmp_path)
+    monkeypatch.delenv(FIGURE_STAGING_ENV, raising=False)  # no pipeline marker: a notebook run by hand
+    monkeypatch.setenv("JPY_SESSION_NAME", str(root / "nbs" / "figures" / "10_mtl.ipynb"))  # what Jupyter tells its kernels
+    monkeypatch.chdir(root / "nbs" / "figures")  # a figure notebook's working directory; its default out_dir
+    save_figure(_line_figure(), "by_hand", "../../figures", caption="Run by hand.")
+    assert sorted(p.name for p in (root / "figures").iterdir()) == ["index.json"]  # committed figures untouched
+    scratch = root / "build" / "figures-scratch" / "10_mtl"
+    assert sorted(p.name for p in scratch.iterdir()) == ["by_hand.json", "by_hand.pdf", "by_hand.png"]
+    said = capsys.readouterr().out
+    assert "not run by the figure pipeline" in said and str(scratch) in said and "make figures" in said, said
+    monkeypatch.delenv("JPY_SESSION_NAME")
+    save_figure(_line_figure(), "no_name", root / "figures" / "sub", caption="Below figures/ too.")
+    assert (root / "build" / "figures-scratch" / "interactive" / "no_name.png").exists()
+    assert not (root / "figures" / "sub").exists()
+    save_figure(_line_figure(), "mine", root / "results", caption="A user's own folder.")  # not figures/: as asked
+    assert (root / "results" / "mine.png").exists()
+    monkeypatch.setenv(FIGURE_STAGING_ENV, str(root / "figures"))  # with the marker, out_dir is taken as given
+    save_figure(_line_figure(), "staged", root / "figures", caption="Staged.")
+    assert (root / "figures" / "staged.png").exists()
+
+
+def test_save_figure_by_hand_leaves_this_checkouts_figures_alone(monkeypatch):
+    import shutil
+    from cellmtl.pipeline import FIGURE_STAGING_ENV, save_figure
+    monkeypatch.delenv(FIGURE_STAGING_ENV, raising=False)
+    monkeypatch.setenv("JPY_SESSION_NAME", "pytest_scratch_check.ipynb")
+    before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()}
+    scratch = ROOT / "build" / "figures-scratch" / "pytest_scratch_check"
+    try:
+        save_figure(_line_figure(), "datasets_umap", ROOT / "figures", caption="Would replace a committed figure.")
+        assert (scratch / "datasets_umap.png").exists()
+        assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()} == before
+    finally: shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_the_pipeline_marks_its_kernel_and_clears_the_marker(tmp_path, monkeypatch):
+    from cellmtl.pipeline import FIGURE_STAGING_ENV, run_notebook
+    monkeypatch.delenv(FIGURE_STAGING_ENV, raising=False)
+    nb = tmp_path / "a_marked.ipynb"
+    _toy_notebook(nb, "import os, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt",
+                  f"assert os.environ['{FIGURE_STAGING_ENV}'] == out_dir, (os.environ.get('{FIGURE_STAGING_ENV}'), out_dir)\n"
+                  "from cellmtl.pipeline import save_figure\nfig, ax = plt.subplots()\nsave_figure(fig, 'marked', out_dir, caption='Marked.')")
+    run = run_notebook(nb, {"seed": 0, "profile": "smoke"}, tmp_path / "build", progress=False)
+    assert [f["name"] for f in run.figures] == ["marked"] and (tmp_path / "build" / "a_marked" / "marked.png").exists()
+    assert FIGURE_STAGING_ENV not in os.environ  # restored after the run
+
+
+def test_each_figure_notebook_says_where_a_run_by_hand_writes():
+    for stem in FIGURE_NOTEBOOKS:
+        nb = nbformat.read(ROOT / "nbs" / "figures" / f"{stem}.ipynb", as_version=4)
+        [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        [line] = [l for l in cell.source.splitlines() if l.startswith("out_dir:")]
+        assert "run by hand" in line and "build/figures-scratch/<notebook>/" in line, f"{stem}: {line}"
