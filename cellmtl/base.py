@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -24,7 +25,8 @@ from .train import CheckpointError, History, get_device, load_checkpoint, save_c
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONFIG_FILE', 'HISTORY_FILE', 'MODEL_FILES', 'TRAINING_FILES', 'KINDS', 'describe_model_dir',
-           'check_anndata', 'BaseModel', 'label_predictions', 'read_model_dir', 'model_class', 'loader_name', 'load']
+           'check_anndata', 'user_stacklevel', 'BaseModel', 'label_predictions', 'read_model_dir', 'model_class',
+           'loader_name', 'load']
 
 # %% ../nbs/04_base.ipynb #45ceb5b7
 MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.pt", "config.json", "history.csv"
@@ -60,13 +62,24 @@ def describe_model_dir(directory:str|Path, # a folder that may hold a saved mode
 # %% ../nbs/04_base.ipynb #61f47e92
 def check_anndata(adata, # what the user passed as cells
                   what:str="adata", # its name in the message
+                  layer:str|None=None, # read the values from adata.layers[layer] instead of X
                  ) -> ad.AnnData:
-    "Return `adata` if it is an AnnData with an X; otherwise a TypeError/ValueError that shows how to make one."
-    if isinstance(adata, ad.AnnData):
-        if adata.X is None:
-            raise ValueError(f"{what}.X is None; the models read X. If the values are in a layer, make it X: "
-                             f"ad.AnnData({what}.layers['counts'], obs={what}.obs, var={what}.var) (layers here: {list(adata.layers)}).")
-        return adata
+    "The AnnData a model reads: `adata` itself, or its `layer` as X, float16 as float32; else an error that shows how to make one."
+    if not isinstance(adata, ad.AnnData): _not_anndata(adata, what)
+    if layer is not None:
+        if layer not in adata.layers: raise KeyError(f"{what} has no layer {layer!r}; its layers: {list(adata.layers)} (layer=None reads X).")
+        if adata.isbacked: raise ValueError(f"layer= needs {what} in memory (it is backed by {adata.filename}); read it with anndata.read_h5ad(path).")
+        adata = ad.AnnData(adata.layers[layer], obs=adata.obs, var=adata.var)  # the same arrays, X from the layer
+    elif adata.X is None:
+        raise ValueError(f"{what}.X is None; the models read X. If the values are in a layer, pass layer= (layers here: "
+                         f"{list(adata.layers)}), e.g. model.predict({what}, layer='counts').")
+    if getattr(adata.X, "dtype", None) == np.float16:  # scipy.sparse has no float16; compute in float32
+        if adata.isbacked: raise ValueError(f"{what}.X is float16 on disk, which scipy cannot read sparsely; load it and cast: {what}.X = {what}.X.astype('float32').")
+        adata = ad.AnnData(np.asarray(adata.X, dtype=np.float32), obs=adata.obs, var=adata.var)
+    return adata
+
+def _not_anndata(adata, what:str):
+    "The TypeError for anything that is not an AnnData, with the line that makes one."
     kind = type(adata).__name__
     if isinstance(adata, pd.DataFrame):
         raise TypeError(f"{what} is a pandas DataFrame; cellmtl models take AnnData (cells x genes, gene names in var_names). With genes as "
@@ -75,6 +88,18 @@ def check_anndata(adata, # what the user passed as cells
         raise TypeError(f"{what} is a {kind} of shape {adata.shape}; cellmtl models take AnnData, whose var_names say which gene each "
                         "column is: ad.AnnData(X, var=pd.DataFrame(index=gene_names)).")
     raise TypeError(f"{what} is a {kind}; cellmtl models take an AnnData (e.g. anndata.read_h5ad(path) or scanpy.read_10x_h5(path)).")
+
+
+# %% ../nbs/04_base.ipynb #c42fa277
+def user_stacklevel() -> int:
+    "The `stacklevel` for warnings.warn that points at the first frame outside cellmtl: the user's line."
+    here = user_stacklevel.__code__.co_filename
+    library = os.path.dirname(here) + os.sep if globals().get("__file__") else here  # the package folder (in a notebook: this cell)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(library):
+        frame, level = frame.f_back, level + 1
+    return level
+
 
 # %% ../nbs/04_base.ipynb #e5842e48
 class BaseModel:
@@ -128,12 +153,13 @@ class BaseModel:
 def embed(self:BaseModel,
           adata:ad.AnnData, # cells, genes matched to the training genes by name
           key_added:str|None=None, # also store the embedding as adata.obsm[key_added]
+          layer:str|None=None, # read the values from adata.layers[layer] instead of X
           **kwargs, # passed to the model's _embed (e.g. batch_size)
          ) -> np.ndarray:
     "The model's (N, D) float32 cell embedding of `adata`; written to `adata.obsm[key_added]` when given."
-    check_anndata(adata)
+    cells = check_anndata(adata, layer=layer)
     self.check_fitted()
-    embedding = np.asarray(self._embed(adata, **kwargs), dtype=np.float32)  # (N, D)
+    embedding = np.asarray(self._embed(cells, **kwargs), dtype=np.float32)  # (N, D)
     if embedding.ndim != 2 or len(embedding) != adata.n_obs:
         raise RuntimeError(f"{type(self).__name__}._embed returned shape {embedding.shape} for {adata.n_obs} cells; expected (n_cells, D).")
     if key_added is not None: adata.obsm[key_added] = embedding
@@ -143,10 +169,11 @@ def embed(self:BaseModel,
 def annotate(self:BaseModel,
              adata:ad.AnnData, # cells to annotate; the columns are written into adata.obs
              key_added:str="predicted", # column prefix: predicted_<label> becomes <key_added>_<label>
+             layer:str|None=None, # read the values from adata.layers[layer] instead of X
              **predict_kwargs, # passed to predict
             ) -> ad.AnnData:
     "Write `predict(adata)`'s columns into `adata.obs`, record the model in `adata.uns[key_added]`, return `adata`."
-    predictions = self.predict(check_anndata(adata), **predict_kwargs)
+    predictions = self.predict(check_anndata(adata, layer=layer), **predict_kwargs)
     columns = {}
     for column in predictions.columns:
         name = key_added + column[len("predicted"):] if column.startswith("predicted") else f"{key_added}_{column}"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .base import BaseModel, check_anndata, label_predictions
+from .base import BaseModel, check_anndata, label_predictions, user_stacklevel
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_counts, normalize_log1p
 from .nn import attention as dot_product_attention, mlp
 from .train import History, load_model_state, seed_everything
@@ -255,9 +255,9 @@ class HRCAAnnotator(BaseModel):
         seed_everything(seed)
         return GeneAE(self.config.gene_ae_config(len(genes)), genes=genes)
 
-    def _check_cells(self, adata:ad.AnnData, name:str, labelled:bool=False, genes:list[str]|None=None):
-        "Clear errors for empty data, a missing label column, non-count X, or genes other than `genes` (the training genes)."
-        check_anndata(adata, name)
+    def _check_cells(self, adata:ad.AnnData, name:str, labelled:bool=False, genes:list[str]|None=None, layer:str|None=None) -> ad.AnnData:
+        "The AnnData to read (see check_anndata); clear errors for empty data, a missing label column, non-count X, or genes other than `genes`."
+        adata = check_anndata(adata, name, layer)
         if adata.n_obs == 0 or adata.n_vars == 0: raise ValueError(f"{name} is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
         key = self.config.label_key
         if labelled and key not in adata.obs:
@@ -266,6 +266,7 @@ class HRCAAnnotator(BaseModel):
         if genes is not None and list(map(str, adata.var_names)) != genes:
             raise ValueError(f"{name}'s genes differ from the model's {len(genes)} training genes; subset or align them first, e.g. "
                              "cellmtl.data.align_genes(adata, model.genes_) (training needs the same input columns; predict aligns by itself).")
+        return adata
 
 # one signature for help() and the docs: the constructor takes HRCAConfig's fields, keyword only
 HRCAAnnotator.__init__.__signature__ = inspect.Signature(
@@ -286,10 +287,11 @@ def pretrain(self:HRCAAnnotator,
              device:str="auto", # "auto" (cuda > mps > cpu), "cpu", "cuda", "cuda:1", "mps"
              seed:int=0, # weight initialisation, shuffling, masks
              checkpoint_dir:str|Path|None=None, # best.pt, last.pt and tensorboard/ of this run; None = no files
+             layer:str|None=None, # read the values from adata.layers[layer] instead of X
              **train_overrides, # more cellmtl.train.TrainConfig options (progress, resume, checkpoint_every, patience, ...)
             ) -> HRCAAnnotator:
     "Pre-train a new Gene-AE to restore counts with `drop_rate` of their entries deleted (no labels); keeps the lowest-loss epoch."
-    self._check_cells(adata, "adata")
+    adata = self._check_cells(adata, "adata", layer=layer)
     genes = [str(g) for g in adata.var_names]
     gene_ae = self._new_gene_ae(genes, seed)
     options = dict(epochs=epochs, lr=lr, monitor="train_loss", mode="min", lr_schedule="plateau", lr_factor=lr_factor, lr_patience=lr_patience,
@@ -300,15 +302,6 @@ def pretrain(self:HRCAAnnotator,
     return self
 
 # %% ../nbs/20_hrca.ipynb #29e66301
-def _user_stacklevel() -> int:
-    "The `stacklevel` for warnings.warn that points at the first frame outside cellmtl: the user's line."
-    here = _user_stacklevel.__code__.co_filename
-    library = os.path.dirname(here) + os.sep if globals().get("__file__") else here  # the package folder (in a notebook: this cell)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(library):
-        frame, level = frame.f_back, level + 1
-    return level
-
 def _check_training_cells(hierarchy:LabelHierarchy, label_key:str, adata:ad.AnnData, validation:ad.AnnData|None):
     "Refuse a single cell type (no classifier to train); warn when validation cells are also training cells."
     classes = hierarchy.classes[label_key]
@@ -320,7 +313,7 @@ def _check_training_cells(hierarchy:LabelHierarchy, label_key:str, adata:ad.AnnD
         if len(shared):
             warnings.warn(f"{len(shared):,} of the {validation.n_obs:,} validation cells are also training cells (same obs_names, e.g. "
                           f"{shared[0]!r}): the best epoch is then chosen on cells the model trains on. Hold them out, "
-                          "e.g. with cellmtl.data.stratified_split.", stacklevel=_user_stacklevel())
+                          "e.g. with cellmtl.data.stratified_split.", stacklevel=user_stacklevel())
 
 def _warn_few_cells(hierarchy:LabelHierarchy, label_key:str, min_cells:int):
     "One UserWarning naming the cell types with fewer than `min_cells` training cells (HRCA's guidance)."
@@ -328,7 +321,7 @@ def _warn_few_cells(hierarchy:LabelHierarchy, label_key:str, min_cells:int):
     few = counts[counts < min_cells]
     if len(few):
         warnings.warn(f"{len(few)} cell type(s) have fewer than {min_cells} training cells, below HRCA's guidance: {few.to_dict()}; "
-                      "expect weaker accuracy on them (min_cells_per_type=0 turns this warning off).", stacklevel=_user_stacklevel())
+                      "expect weaker accuracy on them (min_cells_per_type=0 turns this warning off).", stacklevel=user_stacklevel())
 
 # %% ../nbs/20_hrca.ipynb #29e66302
 @patch
@@ -345,14 +338,15 @@ def fit(self:HRCAAnnotator,
         device:str="auto", # "auto" (cuda > mps > cpu), "cpu", "cuda", "cuda:1", "mps"
         seed:int=0, # classifier (and, without pretrain, Gene-AE) initialisation, shuffling, masks
         checkpoint_dir:str|Path|None=None, # best.pt, last.pt and tensorboard/ of this run; None = no files
+        layer:str|None=None, # read the values from adata.layers[layer] (and validation's) instead of X
         **train_overrides, # more cellmtl.train.TrainConfig options (progress, resume, checkpoint_every, patience, ...)
        ) -> HRCAAnnotator:
     "Fine-tune the Gene-AE (pre-trained, else new) with a new SE-Classifier; runs of at most `warmup_epochs` epochs keep a constant LR."
     c, first = self.config, self.model_ is None
-    check_anndata(adata)
+    adata = check_anndata(adata, layer=layer)
     genes = [str(g) for g in adata.var_names] if first else self.genes_
-    for name, data in (("adata", adata), ("validation", validation)):
-        if data is not None: self._check_cells(data, name, labelled=True, genes=genes)
+    adata = self._check_cells(adata, "adata", labelled=True, genes=genes)
+    if validation is not None: validation = self._check_cells(validation, "validation", labelled=True, genes=genes, layer=layer)
     hierarchy = LabelHierarchy(adata.obs, [c.label_key])
     _check_training_cells(hierarchy, c.label_key, adata, validation)
     _warn_few_cells(hierarchy, c.label_key, c.min_cells_per_type)
@@ -376,15 +370,17 @@ def _encoded(self:HRCAAnnotator,
              adata:ad.AnnData, # query cells (raw counts), genes matched by name
              batch_size:int, # cells per forward pass
              head, # callable: (B, d_model) embedding tensor → (B, ...) output tensor
+             min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
+             layer:str|None=None, # read the values from adata.layers[layer] instead of X
             ) -> tuple[np.ndarray, GeneAlignment|None]:
     "head(Gene-AE embedding) of every cell, batch by batch (log-normalised, uncorrupted, eval mode, no gradients), and the gene report."
-    check_anndata(adata)
+    adata = check_anndata(adata, layer=layer)
     self.check_fitted()
     check_counts(adata.X, "adata.X")
     report = None
     if list(map(str, adata.var_names)) != self.genes_:
-        adata, report = align_genes(adata, self.genes_)
-        if report.n_missing: warnings.warn(report.summary(5), stacklevel=_user_stacklevel())
+        adata, report = align_genes(adata, self.genes_, min_overlap=min_overlap, warn_below=0)
+        if report.n_missing: warnings.warn(f"query genes differ from the training genes: {report.summary(5)}", stacklevel=user_stacklevel())
     loader = CSRBatchLoader(adata, batch_size=batch_size, shuffle=False, transform="log1p", rank=0, world_size=1)
     self.model_.eval()
     device = next(self.model_.parameters()).device
@@ -393,28 +389,35 @@ def _encoded(self:HRCAAnnotator,
     return np.concatenate(out), report
 
 @patch
-def _embed(self:HRCAAnnotator, adata:ad.AnnData, batch_size:int=1024) -> np.ndarray:
+def _embed(self:HRCAAnnotator, adata:ad.AnnData, batch_size:int=1024, min_overlap:float=0.5) -> np.ndarray:
     "(N, d_model) Gene-AE embedding: what the SE-Classifier reads."
-    return self._encoded(adata, batch_size, lambda z: z)[0]  # (N, d_model)
+    return self._encoded(adata, batch_size, lambda z: z, min_overlap)[0]  # (N, d_model)
 
 @patch
 def predict_proba(self:HRCAAnnotator,
                   adata:ad.AnnData, # query cells (raw counts); genes matched to the model's by name
                   batch_size:int=1024, # cells per forward pass
+                  min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
+                  layer:str|None=None, # read the values from adata.layers[layer] instead of X
                  ) -> pd.DataFrame:
     "(N, C) probability of every cell type: columns the classes, index the cells (`attrs['gene_alignment']`: the gene report)."
     self.check_fitted()
     if self.classifier_ is None:
         raise RuntimeError("this HRCAAnnotator is pre-trained only (a Gene-AE, no SE-Classifier yet); call .fit(adata) on labelled cells before predicting.")
-    probabilities, report = self._encoded(adata, batch_size, lambda z: torch.softmax(self.classifier_(z), 1))  # (N, C)
+    probabilities, report = self._encoded(adata, batch_size, lambda z: torch.softmax(self.classifier_(z), 1), min_overlap, layer)  # (N, C)
     table = pd.DataFrame(probabilities, index=adata.obs_names.copy(), columns=self.classes_)
     table.attrs["gene_alignment"] = report
     return table
 
 @patch
-def predict(self:HRCAAnnotator, adata:ad.AnnData, batch_size:int=1024) -> pd.DataFrame:
+def predict(self:HRCAAnnotator,
+            adata:ad.AnnData, # query cells (raw counts); genes matched to the model's by name
+            batch_size:int=1024, # cells per forward pass
+            min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
+            layer:str|None=None, # read the values from adata.layers[layer] instead of X
+           ) -> pd.DataFrame:
     "Per cell: predicted_<label_key> and its probability, predicted_<label_key>_prob."
-    return label_predictions(self.predict_proba(adata, batch_size), self.config.label_key)
+    return label_predictions(self.predict_proba(adata, batch_size, min_overlap, layer), self.config.label_key)
 
 # %% ../nbs/20_hrca.ipynb #d68a32f8
 @patch

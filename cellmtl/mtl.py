@@ -27,7 +27,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from . import __version__
-from .base import BaseModel, check_anndata
+from .base import BaseModel, check_anndata, user_stacklevel
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_binarizable, check_not_scaled, format_names, repeated_names, row_indices, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
 from .train import CheckpointError, fit, load_model_state, save_checkpoint, seed_everything
@@ -236,15 +236,16 @@ def adam(params, # parameters to optimise
     try: return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError, TypeError): return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
-def _check_expression(adata:ad.AnnData, what:str="adata"):
-    "Raise ValueError for inputs PH-Map cannot binarise: no cells/genes, duplicate genes, negative or NaN values."
-    check_anndata(adata, what)
+def _check_expression(adata:ad.AnnData, what:str="adata", layer:str|None=None) -> ad.AnnData:
+    "The AnnData PH-Map reads (see check_anndata); ValueError for what it cannot binarise: no cells/genes, duplicate genes, negative or NaN values."
+    adata = check_anndata(adata, what, layer)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{what} is empty ({adata.n_obs} cells x {adata.n_vars} genes); check the filtering that produced it.")
     if adata.var_names.has_duplicates:
         raise ValueError(f"{what}.var_names repeats gene names ({repeated_names(adata.var_names)[0]}); call {what}.var_names_make_unique() "
                          "or aggregate the repeated genes first.")
     check_binarizable(adata.X, f"{what}.X", max_values=20_000_000)  # the first ~20M values: no NaN, no negatives, zeros where genes are undetected
+    return adata
 
 # %% ../nbs/10_mtl.ipynb #f2918692
 @dataclass
@@ -351,10 +352,11 @@ def fit(self:HierarchicalAnnotator,
         seed:int=0, # seeds weight init, shuffling and dropout
         calibrate:bool=True, # fit one temperature per level on the validation cells
         progress:bool|None=None, # epoch progress bar (default: when stderr is a terminal)
+        layer:str|None=None, # read the values from adata.layers[layer] instead of X
         **train_overrides, # more `cellmtl.train.TrainConfig` options, e.g. checkpoint_dir, device, tensorboard
        ) -> HierarchicalAnnotator:
     "Train PH-Map on `adata`'s labels (obs columns `label_keys`); returns self."
-    _check_expression(adata)
+    adata = _check_expression(adata, layer=layer)
     train, val = self._split_rows(adata, train_indices, val_indices, val_fraction, split_seed, stratify_by)
     hierarchy, codes = self._encode_labels(adata, np.union1d(train, val))  # other rows (e.g. a test set) are never read
     loader_args = dict(X=adata, labels=codes, transform="binarize")
@@ -377,17 +379,18 @@ def fit(self:HierarchicalAnnotator,
 @patch
 def _aligned(self:HierarchicalAnnotator, query:ad.AnnData,
              min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes
+             layer:str|None=None, # read the values from query.layers[layer] instead of X
             ) -> ad.AnnData:
     "The query with the training genes as columns (itself when they already match), its report in `alignment_`."
     self.check_fitted()
-    _check_expression(query, "query")
+    query = _check_expression(query, "query", layer)
     if list(map(str, query.var_names)) == self.genes_:
         n = len(self.genes_)
         self.alignment_ = GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
         return query
     aligned, self.alignment_ = align_genes(query, self.genes_, min_overlap=min_overlap, warn_below=0)
     if self.alignment_.n_missing:
-        warnings.warn(f"query genes differ from the training genes: {self.alignment_.summary(5)}", stacklevel=4)
+        warnings.warn(f"query genes differ from the training genes: {self.alignment_.summary(5)}", stacklevel=user_stacklevel())
     return aligned
 
 @patch
@@ -417,9 +420,10 @@ def predict_proba(self:HierarchicalAnnotator,
                   calibrated:bool=True, # divide the logits by the fitted per-level temperatures
                   batch_size:int=8192, # cells per forward pass
                   min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
+                  layer:str|None=None, # read the values from query.layers[layer] instead of X
                  ) -> dict[str, np.ndarray]:
     "Per-level (N, C_l) softmax probabilities, columns in `hierarchy_.classes[level]` order (no decoding)."
-    logits = self._logits(self._aligned(query, min_overlap), batch_size=batch_size)
+    logits = self._logits(self._aligned(query, min_overlap, layer), batch_size=batch_size)
     levels = self.config.label_keys
     temperatures = [self.temperatures_[level] if calibrated else 1.0 for level in levels]
     return {level: torch.softmax(torch.from_numpy(z) / t, dim=1).numpy() for level, z, t in zip(levels, logits, temperatures)}
@@ -432,11 +436,12 @@ def predict(self:HierarchicalAnnotator,
             unassigned_threshold:float|None=None, # None: the annotator's default; predictions below it become "Unassigned"
             batch_size:int=8192, # cells per forward pass
             min_overlap:float=0.5, # refuse a query with fewer than this fraction of the training genes (0: any overlap)
+            layer:str|None=None, # read the values from query.layers[layer] instead of X
            ) -> pd.DataFrame:
     "A table indexed by the query's obs_names: per level `predicted_<level>` (categorical) and `predicted_<level>_prob`."
     decoding, levels = decoding or self.config.decoding, self.config.label_keys
     threshold = check_threshold(unassigned_threshold if unassigned_threshold is not None else self.config.unassigned_threshold)
-    probabilities = self.predict_proba(query, calibrated=calibrated, batch_size=batch_size, min_overlap=min_overlap)
+    probabilities = self.predict_proba(query, calibrated=calibrated, batch_size=batch_size, min_overlap=min_overlap, layer=layer)
     codes, chosen = decode_hierarchy(list(probabilities.values()), [self.hierarchy_.parent_index[level] for level in levels], decoding)
     table, unsure = {}, np.zeros(len(codes[0]), bool)
     for level, level_codes, level_prob in zip(levels, codes, chosen):
@@ -454,10 +459,12 @@ def predict(self:HierarchicalAnnotator,
 @patch
 def score(self:HierarchicalAnnotator,
           query:ad.AnnData, # labelled cells: obs has the level columns
-          **predict_kwargs, # passed to predict (decoding, calibrated, unassigned_threshold)
+          layer:str|None=None, # read the values from query.layers[layer] instead of X
+          **predict_kwargs, # passed to predict (decoding, calibrated, unassigned_threshold, min_overlap)
          ) -> pd.DataFrame:
     "Per-level accuracy, macro-F1, Unassigned share and consistency (down to that level) of `predict(query)`."
-    self._check_truth(check_anndata(query, "query"))  # before the prediction, which may take long
+    query = check_anndata(query, "query", layer)
+    self._check_truth(query)  # before the prediction, which may take long
     predictions = self.predict(query, **predict_kwargs)
     levels = self.config.label_keys
     scores = score_predictions(predictions, query.obs, levels)
@@ -477,11 +484,11 @@ def _check_truth(self:HierarchicalAnnotator, query:ad.AnnData):
         as_text = truth.isin(["nan", "NaN", "None", "<NA>"])
         if as_text.any():
             warnings.warn(f"{as_text.sum():,} cells have the text label {truth[as_text].iloc[0]!r} at {level}: probably missing values "
-                          "turned into text (e.g. by .astype(str)); they are scored as wrong. Set them to NaN and they are skipped.", stacklevel=3)
+                          "turned into text (e.g. by .astype(str)); they are scored as wrong. Set them to NaN and they are skipped.", stacklevel=user_stacklevel())
         unseen = truth[~truth.isin(self.hierarchy_.classes[level]) & ~as_text]
         if len(unseen):
             warnings.warn(f"{len(unseen):,} cells carry {level} labels the model never saw in training ({format_names(unseen.unique())}); "
-                          "they can only be scored as wrong.", stacklevel=3)
+                          "they can only be scored as wrong.", stacklevel=user_stacklevel())
 
 # %% ../nbs/10_mtl.ipynb #8c51b200
 @patch

@@ -3,6 +3,9 @@
 The data: 160 CellBench cells (CEL-seq2 and Drop-seq plates, raw counts, 5 lung cancer cell lines) on their
 300 most-detected genes among those seen in 20-80% of the cells; each recipe trains for a couple of epochs at small widths, enough to exercise every verb.
 """
+import warnings
+
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -46,9 +49,18 @@ def test_every_model_kind_has_a_recipe_here():
     assert set(RECIPES) == set(KINDS), "add a recipe for every model class to tests/test_models.py"
 
 
+_FITTED = {}
+
+
+def fitted(kind, cells):
+    "One trained model per kind for this module (training is the slow part)."
+    if kind not in _FITTED: _FITTED[kind] = RECIPES[kind](cells)
+    return _FITTED[kind]
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_fit_predict_embed_save_load(kind, cells, tmp_path):
-    model = RECIPES[kind](cells)
+    model = fitted(kind, cells)
     assert isinstance(model, BaseModel) and type(model) is model_class(kind)
     assert type(model).__name__ in repr(model) and "not fitted" not in repr(model)
     query = cells[:40].copy()
@@ -70,3 +82,58 @@ def test_fit_predict_embed_save_load(kind, cells, tmp_path):
     np.testing.assert_array_equal(again.embed(query), embedding)
     with pytest.raises(FileExistsError, match="already holds"):
         model.save(folder)
+
+
+def _predicted(predictions):
+    return predictions[[c for c in predictions.columns if not c.endswith("_prob")]].astype(str)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_low_gene_overlap_is_refused_then_reported_where_the_user_looks(kind, cells):
+    model = fitted(kind, cells)
+    few = cells[:20, :30].copy()  # 30 of the 300 training genes: 10%
+    with pytest.raises(ValueError, match=r"30 of the 300 reference \(training\) genes \(10.0%\), below min_overlap=0.5"):
+        model.predict(few)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictions = model.predict(few, min_overlap=0.1)
+    gene_warnings = [w for w in caught if "differ from" in str(w.message)]
+    assert len(gene_warnings) == 1 and gene_warnings[0].filename == __file__  # one warning, at the user's line
+    report = predictions.attrs["gene_alignment"]
+    assert (report.n_found, report.n_missing) == (30, 270)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.annotate(few, key_added="query", min_overlap=0.1)
+    record = few.uns["query"]
+    assert record["kind"] == kind and record["cellmtl_version"] == cellmtl.__version__
+    assert record["gene_alignment"]["n_found"] == 30 and record["gene_alignment"]["overlap"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_values_in_a_layer_and_float16_values(kind, cells):
+    model = fitted(kind, cells)
+    query = cells[:20].copy()
+    expected = _predicted(model.predict(query))
+    in_layer = ad.AnnData(obs=query.obs, var=query.var, layers={"counts": query.X.copy()})
+    with pytest.raises(ValueError, match=r"X is None.*pass layer="):
+        model.predict(in_layer)
+    pd.testing.assert_frame_equal(_predicted(model.predict(in_layer, layer="counts")), expected)
+    assert model.embed(in_layer, layer="counts", key_added="X_layer").shape[0] == 20 and "X_layer" in in_layer.obsm
+    model.annotate(in_layer, layer="counts")
+    assert in_layer.X is None and "predicted" in in_layer.uns  # the user's object keeps its layout; the calls land in its obs
+    with pytest.raises(KeyError, match=r"no layer 'raw'; its layers: \['counts'\]"):
+        model.predict(in_layer, layer="raw")
+    half = ad.AnnData(query.X.toarray().astype(np.float16), obs=query.obs, var=query.var)  # small counts: exact in float16
+    pd.testing.assert_frame_equal(_predicted(model.predict(half)), expected)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_matrix_or_table_instead_of_anndata_names_the_wrapping_line(kind, cells):
+    model = fitted(kind, cells)
+    dense = cells[:5].X.toarray()
+    with pytest.raises(TypeError, match=r"ad.AnnData\(X, var=pd.DataFrame\(index=gene_names\)\)"):
+        model.predict(dense)
+    with pytest.raises(TypeError, match=r"var=pd.DataFrame\(index=df.columns\)"):
+        model.predict(pd.DataFrame(dense, columns=cells.var_names))
+    with pytest.raises(TypeError, match="take AnnData"):
+        model.embed(dense)

@@ -17,7 +17,7 @@ import scanpy as sc
 import torch
 from fastcore.basics import patch
 
-from ..base import BaseModel, check_anndata, label_predictions
+from ..base import BaseModel, check_anndata, label_predictions, user_stacklevel
 from ..data import GeneAlignment, LabelHierarchy, align_genes, normalize_log1p, stratified_split
 from .model import ClsDecoder, TransformerConfig, TransformerModel, embed_cells
 from .objectives import OBJECTIVES, TransformerLoss
@@ -147,17 +147,17 @@ def _prepare(self:TransformerAnnotator, adata:ad.AnnData):
         self.batch_categories_ = [str(category) for category in categories]
 
 @patch
-def _aligned(self:TransformerAnnotator, adata:ad.AnnData) -> ad.AnnData:
+def _aligned(self:TransformerAnnotator, adata:ad.AnnData, min_overlap:float=0.5) -> ad.AnnData:
     "`adata` with the annotator's genes as columns (itself when they already are), the report in `alignment_`."
-    check_anndata(adata)
+    adata = check_anndata(adata)
     if adata.n_obs == 0: raise ValueError("adata has no cells (n_obs == 0).")
     if [str(g) for g in adata.var_names] == self.genes_:
         n = len(self.genes_)
         self.alignment_ = GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
         return adata.copy() if adata.is_view else adata
-    aligned, self.alignment_ = align_genes(adata, self.genes_)
+    aligned, self.alignment_ = align_genes(adata, self.genes_, min_overlap=min_overlap, warn_below=0)
     if self.alignment_.n_missing:
-        warnings.warn(f"the input's genes differ from the annotator's: {self.alignment_.summary(5)}", stacklevel=3)
+        warnings.warn(f"the input's genes differ from the annotator's: {self.alignment_.summary(5)}", stacklevel=user_stacklevel())
     return aligned
 
 # %% ../../nbs/35_annotator.ipynb #76369c63
@@ -205,9 +205,12 @@ def pretrain(self:TransformerAnnotator,
              validation:ad.AnnData|None=None, # held-out cells for the validation loss; default a `val_fraction` of adata
              val_fraction:float|None=0.1, # share of adata held out when no `validation` is given (0 or None: none)
              progress:bool|None=False, # epoch progress bar
+             layer:str|None=None, # read the values from adata.layers[layer] instead of X
              **train_overrides, # more cellmtl.train.TrainConfig options: device, patience, checkpoint_dir, ...
             ) -> TransformerAnnotator:
     "Masked pre-training on unlabelled cells; returns self."
+    adata = check_anndata(adata, layer=layer)
+    if validation is not None: validation = check_anndata(validation, "validation", layer)
     objectives = tuple(objectives or self.config.pretrain_objectives)
     built = set(self.config.pretrain_objectives)
     if not set(objectives) <= built:
@@ -229,14 +232,14 @@ def pretrain(self:TransformerAnnotator,
 
 # %% ../../nbs/35_annotator.ipynb #6b865529
 @patch
-def _inference_loader(self:TransformerAnnotator, adata:ad.AnnData, batch_size:int) -> TokenLoader:
+def _inference_loader(self:TransformerAnnotator, adata:ad.AnnData, batch_size:int, min_overlap:float=0.5) -> TokenLoader:
     self.check_fitted()
-    return self._loader(self._aligned(adata), self._tokenizer(0.0, self.seed_), batch_size, shuffle=False)
+    return self._loader(self._aligned(adata, min_overlap), self._tokenizer(0.0, self.seed_), batch_size, shuffle=False)
 
 @patch
-def _embed(self:TransformerAnnotator, adata:ad.AnnData, batch_size:int=256) -> np.ndarray:
+def _embed(self:TransformerAnnotator, adata:ad.AnnData, batch_size:int=256, min_overlap:float=0.5) -> np.ndarray:
     "(N, d_model) float32 cell embeddings, in eval mode."
-    return embed_cells(self.model_, self._inference_loader(adata, batch_size)).numpy()
+    return embed_cells(self.model_, self._inference_loader(adata, batch_size, min_overlap)).numpy()
 
 
 # %% ../../nbs/35_annotator.ipynb #01af8a18
@@ -258,10 +261,12 @@ def fit(self:TransformerAnnotator,
         validation:ad.AnnData|None=None, # labelled held-out cells; default a stratified `val_fraction` of adata
         val_fraction:float|None=0.2, # share of adata held out when no `validation` is given (0 or None: none)
         progress:bool|None=False, # epoch progress bar
+        layer:str|None=None, # read the values from adata.layers[layer] instead of X
         **train_overrides, # more cellmtl.train.TrainConfig options: device, patience, checkpoint_dir, ...
        ) -> TransformerAnnotator:
     "Fine-tune for `label_key` with the CLS objective (from the pre-trained weights when `pretrain` ran); returns self."
-    key = self.config.label_key
+    adata, key = check_anndata(adata, layer=layer), self.config.label_key
+    if validation is not None: validation = check_anndata(validation, "validation", layer)
     if key not in adata.obs.columns: raise KeyError(f"label_key {key!r} is not an obs column; available: {list(adata.obs.columns)[:20]}.")
     pretrained = self.model_ is not None
     if not pretrained: self._prepare(adata)
@@ -284,24 +289,31 @@ def fit(self:TransformerAnnotator,
 def predict_proba(self:TransformerAnnotator,
                   adata:ad.AnnData, # cells to classify; genes aligned by name
                   batch_size:int=256, # cells per forward pass
+                  min_overlap:float=0.5, # refuse a query with fewer than this fraction of the annotator's genes (0: any overlap)
+                  layer:str|None=None, # read the values from adata.layers[layer] instead of X
                  ) -> pd.DataFrame:
-    "(N, n_classes) class probabilities; columns are `classes_`, index the cells' obs_names."
+    "(N, n_classes) class probabilities; columns are `classes_`, index the cells' obs_names (`attrs['gene_alignment']`: the gene report)."
+    adata = check_anndata(adata, layer=layer)
     self.check_fitted()
     if self.classes_ is None:
         raise RuntimeError("this TransformerAnnotator is pre-trained but not fine-tuned: call fit(adata) on labelled cells first "
                            "(embed works already).")
-    embeddings = embed_cells(self.model_, self._inference_loader(adata, batch_size))  # (N, d)
+    embeddings = embed_cells(self.model_, self._inference_loader(adata, batch_size, min_overlap))  # (N, d)
     with torch.no_grad():
         logits = self.model_.cls_decoder.eval()(embeddings.to(next(self.model_.parameters()).device)).float().cpu()  # (N, C)
-    return pd.DataFrame(torch.softmax(logits, dim=1).numpy(), index=adata.obs_names.copy(), columns=list(self.classes_))
+    table = pd.DataFrame(torch.softmax(logits, dim=1).numpy(), index=adata.obs_names.copy(), columns=list(self.classes_))
+    table.attrs["gene_alignment"] = self.alignment_
+    return table
 
 @patch
 def predict(self:TransformerAnnotator,
             adata:ad.AnnData, # cells to annotate; genes aligned by name
             batch_size:int=256, # cells per forward pass
+            min_overlap:float=0.5, # refuse a query with fewer than this fraction of the annotator's genes (0: any overlap)
+            layer:str|None=None, # read the values from adata.layers[layer] instead of X
            ) -> pd.DataFrame:
     "`predicted_<label_key>` (categorical) and `predicted_<label_key>_prob` for every cell, indexed by obs_names."
-    probabilities = self.predict_proba(adata, batch_size=batch_size)
+    probabilities = self.predict_proba(adata, batch_size=batch_size, min_overlap=min_overlap, layer=layer)
     return label_predictions(probabilities, self.config.label_key, gene_alignment=self.alignment_)
 
 # %% ../../nbs/35_annotator.ipynb #fb7acd77
