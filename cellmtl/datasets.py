@@ -25,10 +25,12 @@ from .data import check_counts
 
 # %% auto #0
 __all__ = ['SOURCES', 'REGISTRY', 'DATA_DIR_ENV', 'CACHE_DIR_ENV', 'PBMC68K_LEVELS', 'CELLBENCH_PLATES', 'CITESEQ_BATCHES',
+           'PBMC_REFERENCE_LEVELS', 'ZHENG_SORTED_FILES', 'KANG_FILE', 'SYMPHONY_FILES', 'SYMPHONY_TECHNOLOGIES',
            'DatasetSource', 'RegistryFile', 'list_datasets', 'DatasetNotFoundError', 'DatasetChecksumError',
            'resolve_data_dir', 'resolve_cache_dir', 'file_sha256', 'fetch', 'fetch_dataset', 'verify',
            'gene_symbol_table', 'annotate_genes', 'pbmc68k_hierarchy_table', 'pbmc68k_hierarchy', 'cellbench',
-           'citeseq_pbmc', 'simulate_hierarchy']
+           'citeseq_pbmc', 'cell_ontology', 'ontology_ancestors', 'pbmc_reference_hierarchy_table', 'zheng_sorted_pbmc',
+           'kang_pbmc', 'symphony_pbmc', 'simulate_hierarchy']
 
 # %% ../nbs/01_datasets.ipynb #6553f342
 _SHA256SUMS = """
@@ -66,6 +68,12 @@ e5e0abb57d3f1d2938d139f8f5e3261a6d72a04c8f1f135e44b7df190841450c  429418  cellpr
 f94235beb2e7992aa3f55fddb5baa3d81a549d3f26aa516d2650aaa4a3eb93a6  429418  cellprofiler/TrackObjects_Sequence1/DrosophilaEmbryo_GFPHistone_0020.tif
 512fe360bd1cc79821f67959cc47e19b92bb7edbbb9351da5d1e9d70b35102a2  2064068  citeseq/pbmc_10k_protein_v3.h5ad
 83f2c7d175600acf458d839920ce52448beeab66557a76d8b0312c91102a3326  2302990  citeseq/pbmc_5k_protein_v3.h5ad
+dba04c86843855d317fd83090b3d2b1053cea7c27786cfa90a0a8149887ca59d  2639328  pbmc/zheng_sorted/pbmc14k_expression.eset.rda
+f50caa312553a5cbeb4b9ddd3aa36a6a532c5ee3af70a476b67edfbb4790e609  80118  pbmc/zheng_sorted/PBMC14k_trueLabel.txt.gz
+83f89f5356a4c01f65bbcee225eb45d8d8b13b6c962724431a26c1bf568ff09e  2321480  pbmc/kang/valid.h5ad
+c64deb8a26e3d7c131196fc4829c62130070fdeff8a0a0a0806930014086c1de  611984  pbmc/symphony/pbmcs_exprs_small.rda
+5d0151004629ec2e7d05694109565b79b268b163d74e9bf378fc1ca238cf4dc3  25755  pbmc/symphony/pbmcs_meta_small.rda
+ddfd93e9832e6b25f4a56c054c155e04ed84b78f9269ca6e9c2325bc87ce83b8  214326  ontology/cl.ontology
 """  # sha256, size in bytes, path relative to the data folder (same format as the mirror's SHA256SUMS)
 
 # %% ../nbs/01_datasets.ipynb #18b425a5
@@ -80,10 +88,15 @@ class DatasetSource:
     licence: str # licence of the data as stated upstream
     description: str # one line: what the measurements are
     loader: str # the cellmtl function that reads it
+    upstream_paths: tuple[tuple[str, str], ...] = () # (file name, path after url_base) for files outside url_base's folder
 
 _SCMIXOLOGY = "7d00ffb0bd043467f365a9358d7312f294f13c9f"
 _SCVI_TOOLS = "93dc4fae21917406673206320c8a3002433c4a5d"
 _CELLPROFILER = "4972b59e670a4ae96c3d453803c92eeff378d054"
+_SCMINER = "eee143caf4b6fc6ae49bac33ecdb39309fd4aa2c"
+_SCGEN = "dd7e178f9b42b9dfef9eb18d0da4b8e3caea4cf7"
+_SYMPHONY = "bf7aaf9a2919f660d028f7ec3a775f040238a829"
+_POPV = "d08455ab1233cb27015bbae5d043844f19eb2f00"
 
 SOURCES: dict[str, DatasetSource] = {s.name: s for s in [
     DatasetSource("cellbench", "cellbench",
@@ -106,6 +119,28 @@ SOURCES: dict[str, DatasetSource] = {s.name: s for s in [
         "CellProfiler/examples", _CELLPROFILER, "BSD-3-Clause (CellProfiler repository); movie by V. Foe",
         "Drosophila embryo GFP-histone time-lapse, 21 frames 7 s apart",
         "fetch_dataset('cellprofiler_track_objects')"),
+    DatasetSource("zheng_sorted_pbmc", "pbmc/zheng_sorted",
+        f"https://raw.githubusercontent.com/jyyulab/scMINER/{_SCMINER}/",
+        "jyyulab/scMINER", _SCMINER, "Apache-2.0 (scMINER); data: Zheng et al., Nat Commun 2017",
+        "Zheng et al. FACS-sorted PBMCs, 7 sorted populations x 500 cells, 8,846 genes (counts from log2 CPM)",
+        "zheng_sorted_pbmc()",
+        (("pbmc14k_expression.eset.rda", "data/pbmc14k_expression.eset.rda"),
+         ("PBMC14k_trueLabel.txt.gz", "inst/extdata/demo_pbmc14k/PBMC14k_trueLabel.txt.gz"))),
+    DatasetSource("kang_pbmc", "pbmc/kang",
+        f"https://raw.githubusercontent.com/theislab/scgen/{_SCGEN}/data/",
+        "theislab/scgen", _SCGEN, "GPL-3.0 (scGen LICENSE); data: Kang et al., Nat Biotechnol 2018",
+        "Kang et al. IFN-beta stimulated + control PBMCs (scGen validation split), 1,975 cells x 6,998 genes, 7 types",
+        "kang_pbmc()"),
+    DatasetSource("symphony_pbmc", "pbmc/symphony",
+        f"https://raw.githubusercontent.com/immunogenomics/symphony/{_SYMPHONY}/data/",
+        "immunogenomics/symphony", _SYMPHONY, "GPL-3 (Symphony); cite Kang et al., Nat Commun 2021",
+        "Symphony vignette PBMCs, three 10x chemistries (the batch), 1,200 cells x 1,767 genes, 9 types",
+        "symphony_pbmc()"),
+    DatasetSource("cl_ontology", "ontology",
+        f"https://raw.githubusercontent.com/YosefLab/popV/{_POPV}/resources/ontology/",
+        "YosefLab/popV", _POPV, "MIT (popV); derived from the Cell Ontology (CC BY 4.0)",
+        "Cell Ontology is_a graph as term names (child<TAB>parent), 2,801 terms",
+        "cell_ontology()"),
 ]}
 
 # %% ../nbs/01_datasets.ipynb #62c949c6
@@ -128,7 +163,8 @@ def _build_registry(sums:str=_SHA256SUMS, # text in SHA256SUMS format: "<sha256>
         source = next((s for s in by_dir if path.startswith(s.local_dir + "/")), None)
         if source is None: raise ValueError(f"No DatasetSource has a folder for {path!r}; add one to SOURCES.")
         name = path[len(source.local_dir) + 1:]
-        registry[path] = RegistryFile(path, source.name, source.url_base + name, sha, int(size))
+        upstream = dict(source.upstream_paths).get(name, name)  # most files sit right under url_base
+        registry[path] = RegistryFile(path, source.name, source.url_base + upstream, sha, int(size))
     return registry
 
 REGISTRY: dict[str, RegistryFile] = _build_registry()
@@ -327,7 +363,7 @@ def _check_tree(table:pd.DataFrame, levels:Sequence[str]) -> None:
                              "fix the hierarchy table so that each class has one parent.")
 
 def pbmc68k_hierarchy() -> ad.AnnData:
-    "scanpy's pbmc68k_reduced: log-normalised `.raw` as X (700 x 765, CSR float32) with a 4-level immune hierarchy."
+    "scanpy's pbmc68k_reduced (700 x 765 log-normalised, CSR float32) with a 4-level hierarchy; its bulk_labels are noisy, correlation-derived labels: for an honest reference use zheng_sorted_pbmc() (FACS gates)."
     import scanpy as sc
     original = sc.datasets.pbmc68k_reduced()
     table = pbmc68k_hierarchy_table()
@@ -510,6 +546,216 @@ def citeseq_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELL
                                                "licence": SOURCES["citeseq_pbmc"].licence,
                                                "X": "raw RNA UMI counts (int32)", "gene_join": gene_join, "protein_join": protein_join}})
     return adata
+
+# %% ../nbs/01_datasets.ipynb #a1c0e002
+PBMC_REFERENCE_LEVELS = PBMC68K_LEVELS  # the same four label keys as pbmc68k_hierarchy
+
+def cell_ontology(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                 ) -> dict[str, set[str]]:
+    "The Cell Ontology is_a graph (popV's cl.ontology): {term name: set of parent term names}."
+    parents: dict[str, set[str]] = {}
+    for line in fetch("ontology/cl.ontology", data_dir).read_text(encoding="utf-8").splitlines():
+        child, parent = line.split("\t")
+        parents.setdefault(child, set()).add(parent); parents.setdefault(parent, set())
+    return parents
+
+def ontology_ancestors(graph:dict[str, set[str]], # {term: parents}, e.g. from cell_ontology()
+                       term:str, # a term name
+                      ) -> set[str]:
+    "Every ancestor of `term` (transitively over is_a), the term itself excluded."
+    if term not in graph: raise KeyError(f"{term!r} is not a Cell Ontology term name in this graph; check its spelling against cl.ontology.")
+    seen, stack = set(), [term]
+    while stack:
+        for parent in graph[stack.pop()] - seen: seen.add(parent); stack.append(parent)
+    return seen
+
+def pbmc_reference_hierarchy_table() -> pd.DataFrame:
+    "The shipped (dataset, source label) -> 4-level hierarchy table; empty cells (a level the source does not resolve) are NaN."
+    table = pd.read_csv(_resource("pbmc_reference_hierarchy.csv"), dtype=str)
+    if table.duplicated(["dataset", "label"]).any():
+        raise ValueError("pbmc_reference_hierarchy.csv lists a (dataset, label) pair twice; each needs exactly one row.")
+    return table
+
+def _add_hierarchy(obs:pd.DataFrame, # the loader's obs; gets anno_lv1..4 and their _cl_id/_cl_name columns
+                   dataset:str, # the table's `dataset` value
+                   label_column:str, # the obs column with the source labels
+                  ) -> pd.DataFrame:
+    "Map a dataset's source labels to the four hierarchy levels (NaN where the source does not resolve a level)."
+    table = pbmc_reference_hierarchy_table()
+    rows = table[table["dataset"] == dataset]
+    _check_tree(table, PBMC_REFERENCE_LEVELS)  # over all datasets: one parent per class everywhere
+    labels = obs[label_column].astype(str)
+    unknown = sorted(set(labels) - set(rows["label"]))
+    if unknown: raise ValueError(f"{dataset} labels {unknown} (obs[{label_column!r}]) are missing from pbmc_reference_hierarchy.csv; add rows for them.")
+    mapped = rows.set_index("label").loc[labels.to_numpy()]
+    for level in PBMC_REFERENCE_LEVELS:
+        order = [c for c in dict.fromkeys(rows[level]) if isinstance(c, str)]  # table order, NaN left out
+        for column in (level, f"{level}_cl_id", f"{level}_cl_name"):
+            values = mapped[column].to_numpy()
+            obs[column] = pd.Categorical(values, categories=order if column == level else None)
+    return obs
+
+
+# %% ../nbs/01_datasets.ipynb #a1c0e006
+def _integral_counts(values:np.ndarray, # recovered counts (the non-zero entries of a sparse matrix)
+                     what:str, # the file and the formula, for the error message
+                     tolerance:float, # largest allowed distance to the nearest integer
+                    ) -> np.ndarray:
+    "Round recovered counts to int32 after checking they are whole numbers >= 1 within `tolerance`."
+    rounded = np.rint(values)
+    deviation = float(np.abs(values - rounded).max()) if values.size else 0.0
+    if not np.isfinite(deviation) or deviation > tolerance or (values.size and rounded.min() < 1):
+        raise ValueError(f"{what}: the recovered counts are not positive whole numbers (largest distance to an integer "
+                         f"{deviation:.3g} > {tolerance:g}, smallest {float(values.min()) if values.size else 0:.3g}). The file "
+                         "is not the registered version or its normalisation differs; check it with `cellmtl datasets verify`.")
+    return rounded.astype(np.int32)
+
+def _rda_dgcmatrix(obj, attrs) -> tuple[sp.csc_matrix, pd.Index, pd.Index]:
+    "rdata constructor for an R dgCMatrix: (rows x columns CSC float64, row names, column names)."
+    shape = tuple(int(n) for n in attrs["Dim"])
+    matrix = sp.csc_matrix((np.asarray(attrs["x"], np.float64), np.asarray(attrs["i"]), np.asarray(attrs["p"])), shape=shape)
+    rows, columns = (pd.Index(np.asarray(d).astype(str)) for d in attrs["Dimnames"])
+    return matrix, rows, columns
+
+def _read_rda(path:Path) -> dict:
+    "Read an .rda file with rdata, dgCMatrix objects as scipy CSC (other S4 classes stay namespaces)."
+    import rdata
+    constructors = {**rdata.conversion.DEFAULT_CLASS_MAP, "dgCMatrix": _rda_dgcmatrix}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Missing constructor for R class")  # Biobase classes: plain namespaces are fine
+        return rdata.read_rda(path, constructor_dict=constructors)
+
+def _cells_by_genes(matrix:sp.csc_matrix) -> sp.csr_matrix:
+    "An R genes x cells CSC matrix as cells x genes CSR (the same three arrays, read the other way)."
+    return sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr), shape=matrix.shape[::-1])
+
+def _divide_rows(X:sp.csr_matrix, scale:np.ndarray) -> sp.csr_matrix:
+    "Divide every row of a CSR matrix by its entry of `scale` (N,), in place on a copy."
+    X = X.copy(); X.data = X.data / np.repeat(scale, np.diff(X.indptr))
+    return X
+
+def _row_min(X:sp.csr_matrix) -> np.ndarray:
+    "Smallest stored (non-zero) value of every row (N,); rows without entries get 1."
+    out = np.ones(X.shape[0]); nonempty = np.diff(X.indptr) > 0
+    out[nonempty] = np.minimum.reduceat(X.data, X.indptr[:-1][nonempty])
+    return out
+
+
+# %% ../nbs/01_datasets.ipynb #a1c0e009
+ZHENG_SORTED_FILES = ("pbmc/zheng_sorted/pbmc14k_expression.eset.rda", "pbmc/zheng_sorted/PBMC14k_trueLabel.txt.gz")
+
+def zheng_sorted_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                      tolerance:float=1e-6, # largest allowed distance of a recovered count to an integer
+                     ) -> ad.AnnData:
+    "Zheng et al. 2017 FACS-sorted PBMCs (3,500 cells x 8,846 genes, 7 x 500): raw counts (CSR int32), sort labels, 4-level hierarchy."
+    eset_path, labels_path = (fetch(p, data_dir) for p in ZHENG_SORTED_FILES)
+    eset = next(iter(_read_rda(eset_path).values()))
+    matrix, genes, cells = eset.assayData["exprs"]  # genes x cells, log2(CPM + 1)
+    logcpm = _cells_by_genes(matrix)  # (cells, genes)
+    cpm = logcpm.copy(); cpm.data = np.exp2(cpm.data) - 1.0
+    # CPM over these genes: a cell's smallest non-zero CPM is one count, so dividing by it gives the counts
+    X = _divide_rows(cpm, _row_min(cpm))
+    X.data = _integral_counts(X.data, f"{eset_path} (2^x - 1, divided by each cell's smallest value)", tolerance)
+    X = sp.csr_matrix(X, dtype=np.int32); X.sort_indices()
+    pheno, features = eset.phenoData.data, eset.featureData.data
+    if not (pheno.index.astype(str).equals(cells) and features.index.astype(str).equals(genes)):
+        raise ValueError(f"{eset_path}: phenoData/featureData rows are not in the matrix's order; the file is not the registered version.")
+    obs = pd.DataFrame(index=pd.Index(cells, name=None))
+    for column in ("trueLabel", "trueLabel_full", "cellType", "clusterID", "projectID"):
+        obs[column] = pd.Categorical(pheno[column].astype(str).to_numpy())
+    for column in ("nUMI", "nFeature", "pctMito"): obs[column] = pheno[column].to_numpy(dtype=np.float64)
+    obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel().astype(np.int64)  # over the 8,846 kept genes
+    obs["n_genes"] = np.diff(X.indptr).astype(np.int64)
+    truth = pd.read_csv(labels_path, sep="\t", index_col="cell_barcode").reindex(obs.index)
+    if truth["trueLabel"].isna().any() or (truth["trueLabel"].to_numpy() != obs["trueLabel"].astype(str).to_numpy()).any():
+        raise ValueError(f"{labels_path} disagrees with the labels in {eset_path}; one of the files is not the registered version.")
+    obs = _add_hierarchy(obs, "zheng_sorted_pbmc", "trueLabel")
+    var = pd.DataFrame({"gene_symbol": features["GeneSymbol"].astype(str).to_numpy(),
+                        "n_cells_pbmc14k": features["nCell"].to_numpy(dtype=np.int64)}, index=genes)
+    source = SOURCES["zheng_sorted_pbmc"]
+    return ad.AnnData(X=X, obs=obs, var=var, obsm={"X_umap": pheno[["UMAP_1", "UMAP_2"]].to_numpy(np.float32)},
+                      uns={"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
+                           "cellmtl_source": {"dataset": "zheng_sorted_pbmc", "simulated": False,
+                                              "source": f"{source.repository}@{source.commit}, data/pbmc14k_expression.eset.rda",
+                                              "licence": source.licence, "labels": "trueLabel: FACS sorting gate (Zheng et al. 2017)",
+                                              "X": "raw UMI counts (int32) recovered from log2(CPM + 1) over the 8,846 kept genes",
+                                              "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}})
+
+
+# %% ../nbs/01_datasets.ipynb #a1c0e012
+KANG_FILE = "pbmc/kang/valid.h5ad"
+_KANG_SCALE = 1832.5  # scGen's target sum: X = log1p(counts / n_counts * 1832.5), before the genes were subset
+
+def kang_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+              tolerance:float=0.01, # largest allowed distance of a recovered count to an integer (float32 file)
+             ) -> ad.AnnData:
+    "Kang et al. 2018 IFN-beta stimulated and control PBMCs (scGen's 1,975 x 6,998 split): raw counts (CSR int32), condition, cell type, hierarchy."
+    path = fetch(KANG_FILE, data_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # old (2018) layout: neighbours moved to obsp on read
+        warnings.filterwarnings("ignore", message=".*(without encoding metadata|very old version of AnnData)")  # same cause
+        original = ad.read_h5ad(path)
+    logged = sp.csr_matrix(original.X, dtype=np.float64)  # (cells, genes)
+    X = logged.copy(); X.data = np.expm1(X.data) * np.repeat(original.obs["n_counts"].to_numpy(np.float64) / _KANG_SCALE, np.diff(X.indptr))
+    X.data = _integral_counts(X.data, f"{path} (expm1(X) * n_counts / {_KANG_SCALE})", tolerance)
+    X = sp.csr_matrix(X, dtype=np.int32); X.sort_indices()
+    obs = pd.DataFrame(index=original.obs_names.astype(str))
+    obs["condition"] = pd.Categorical(original.obs["condition"].astype(str).to_numpy(), categories=["control", "stimulated"])
+    obs["cell_type"] = pd.Categorical(original.obs["cell_type"].astype(str).to_numpy())
+    obs["n_counts_all_genes"] = original.obs["n_counts"].to_numpy(np.float64)  # scGen's, over all genes before subsetting
+    obs["mt_frac"] = original.obs["mt_frac"].to_numpy(np.float64)
+    obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel().astype(np.int64)  # over the 6,998 kept genes
+    obs["n_genes"] = np.diff(X.indptr).astype(np.int64)
+    obs = _add_hierarchy(obs, "kang_pbmc", "cell_type")
+    var = pd.DataFrame({"gene_symbol": original.var_names.astype(str)}, index=original.var_names.astype(str))
+    source = SOURCES["kang_pbmc"]
+    return ad.AnnData(X=X, obs=obs, var=var, obsm={k: np.asarray(original.obsm[k], np.float32) for k in ("X_pca", "X_umap") if k in original.obsm},
+                      uns={"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
+                           "cellmtl_source": {"dataset": "kang_pbmc", "simulated": False,
+                                              "source": f"{source.repository}@{source.commit}, data/valid.h5ad", "licence": source.licence,
+                                              "labels": "cell_type: scGen's annotation (clusters); condition: IFN-beta stimulation (a perturbation, not a batch)",
+                                              "X": f"raw UMI counts (int32) recovered as expm1(X) * n_counts / {_KANG_SCALE}",
+                                              "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}})
+
+
+# %% ../nbs/01_datasets.ipynb #a1c0e015
+SYMPHONY_FILES = ("pbmc/symphony/pbmcs_exprs_small.rda", "pbmc/symphony/pbmcs_meta_small.rda")
+SYMPHONY_TECHNOLOGIES = {"3pv1": "threepv1_", "3pv2": "threepfresh_", "5p": "fivePrime_"}  # technology: barcode prefix
+
+def symphony_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                  tolerance:float=1e-6, # largest allowed distance of a recovered count to an integer
+                 ) -> ad.AnnData:
+    "Symphony's vignette PBMCs, three 10x chemistries (1,200 cells x 1,767 genes): raw counts (CSR int32), technology, cell type, hierarchy."
+    exprs_path, meta_path = (fetch(p, data_dir) for p in SYMPHONY_FILES)
+    matrix, genes, cells = next(iter(_read_rda(exprs_path).values()))  # genes x cells, log(CP10k + 1)
+    meta = next(iter(_read_rda(meta_path).values()))
+    if not pd.Index(meta["cell_id"].astype(str)).equals(cells):
+        raise ValueError(f"{meta_path} and {exprs_path} list different cells; one of the files is not the registered version.")
+    X = _cells_by_genes(matrix).copy()  # (cells, genes)
+    X.data = np.expm1(X.data) * np.repeat(meta["nUMI"].to_numpy(np.float64) / 1e4, np.diff(X.indptr))
+    X.data = _integral_counts(X.data, f"{exprs_path} (expm1(x) * nUMI / 1e4)", tolerance)
+    X = sp.csr_matrix(X, dtype=np.int32); X.sort_indices()
+    obs = pd.DataFrame(index=cells)
+    obs["technology"] = pd.Categorical(meta["donor"].astype(str).to_numpy(), categories=list(SYMPHONY_TECHNOLOGIES))
+    prefix_ok = [c.startswith(SYMPHONY_TECHNOLOGIES[t]) for c, t in zip(cells, obs["technology"].astype(str))]
+    if not all(prefix_ok): raise ValueError(f"{meta_path}: `donor` disagrees with the barcode prefix for {prefix_ok.count(False)} cells.")
+    obs["donor"] = obs["technology"]  # the source's name for the same column (it holds the chemistry, not a person)
+    for column in ("cell_type", "cell_type_broad"): obs[column] = pd.Categorical(meta[column].astype(str).to_numpy())
+    obs["nUMI"] = meta["nUMI"].to_numpy(np.int64)  # over all genes
+    obs["nGene"] = meta["nGene"].to_numpy(np.int64)
+    obs["percent_mito"] = meta["percent_mito"].to_numpy(np.float64)
+    obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel().astype(np.int64)  # over the 1,767 kept genes
+    obs["n_genes"] = np.diff(X.indptr).astype(np.int64)
+    obs = _add_hierarchy(obs, "symphony_pbmc", "cell_type")
+    source = SOURCES["symphony_pbmc"]
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame({"gene_symbol": genes.to_numpy()}, index=genes),
+                      uns={"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
+                           "cellmtl_source": {"dataset": "symphony_pbmc", "simulated": False,
+                                              "source": f"{source.repository}@{source.commit}, data/pbmcs_exprs_small.rda + pbmcs_meta_small.rda",
+                                              "licence": source.licence, "labels": "cell_type: Symphony's vignette annotation; technology (source column `donor`) is the batch",
+                                              "X": "raw UMI counts (int32) recovered as expm1(x) * nUMI / 1e4 over the 1,767 kept genes",
+                                              "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}})
+
 
 # %% ../nbs/01_datasets.ipynb #38da0cfb
 def _random_tree(n_classes:Sequence[int], rng:np.random.Generator) -> list[np.ndarray]:

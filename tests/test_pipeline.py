@@ -193,3 +193,16 @@ def test_each_figure_notebook_says_where_a_run_by_hand_writes():
         [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         [line] = [l for l in cell.source.splitlines() if l.startswith("out_dir:")]
         assert "run by hand" in line and "build/figures-scratch/<notebook>/" in line, f"{stem}: {line}"
+
+
+def test_each_figure_notebook_sends_its_tables_where_its_figures_go():
+    "Run by hand, a notebook's CSVs must also land in the scratch folder: out_dir is redirected once, before any write."
+    import re
+    for stem in FIGURE_NOTEBOOKS:
+        nb = nbformat.read(ROOT / "nbs" / "figures" / f"{stem}.ipynb", as_version=4)
+        index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        after = nb.cells[index + 1].source
+        assert "out_dir = str(figure_dir(out_dir))" in after, f"{stem}: the cell after the parameters must redirect out_dir"
+        later = "\n".join(c.source for c in nb.cells[index + 2:] if c.cell_type == "code")
+        for call in re.findall(r"\.to_csv\(([^,)]*)", later):
+            assert "out_dir" in call, f"{stem}: a table is written outside out_dir: to_csv({call})"
