@@ -132,37 +132,50 @@ DECODINGS = ("independent", "bottom_up", "joint")
 
 def leaf_paths(parent_index:Sequence[np.ndarray], # per level (coarse to fine): parent code of each class at the previous level (-1 at the root level)
               ) -> np.ndarray:
-    "(L, n_leaves) int array: row l holds the level-l ancestor of every finest-level class."
+    "(L, n_ends) int array: the level-l ancestor of every path end (finest classes, then childless coarser ones), -1 below an end."
     n_levels = len(parent_index)
-    paths = np.empty((n_levels, len(parent_index[-1])), np.int64)
-    paths[-1] = np.arange(len(parent_index[-1]))
-    for level in range(n_levels - 1, 0, -1): paths[level - 1] = parent_index[level][paths[level]]
+    ends = [(n_levels - 1, c) for c in range(len(parent_index[-1]))]  # (level, class) where a path stops
+    for level in range(n_levels - 1):
+        ends += [(level, c) for c in np.setdiff1d(np.arange(len(parent_index[level])), parent_index[level + 1])]
+    paths = np.full((n_levels, len(ends)), -1, np.int64)
+    for end, (level, c) in enumerate(ends):
+        paths[level, end] = c
+        for up in range(level, 0, -1): paths[up - 1, end] = parent_index[up][paths[up, end]]
     return paths
+
+def _chosen(probabilities:Sequence[np.ndarray], codes:list[np.ndarray]) -> list[np.ndarray]:
+    "Per level the probability of each cell's predicted class (NaN where a path ended above the level: code -1)."
+    rows = np.arange(len(codes[0]))
+    return [np.where(c >= 0, np.asarray(p)[rows, np.maximum(c, 0)], np.nan).astype(np.float32) for p, c in zip(probabilities, codes)]
 
 def decode_hierarchy(probabilities:Sequence[np.ndarray], # per level (N, C_l) probabilities, coarse to fine
                      parent_index:Sequence[np.ndarray], # per level parent codes (LabelHierarchy.parent_index values)
                      decoding:Decoding="independent", # "independent" (PH-Map's), "bottom_up" or "joint"
                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    "Per-level predicted codes and the probability of each prediction, for one decoding rule."
+    "Per-level predicted codes (-1 below a path that ends early) and the probability of each prediction, for one decoding rule."
     if decoding not in DECODINGS: raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}.")
-    rows = np.arange(len(probabilities[0]))
     if decoding == "independent":
         codes = [np.asarray(p).argmax(1) for p in probabilities]
-        return codes, [np.asarray(p)[rows, c] for p, c in zip(probabilities, codes)]
-    paths = leaf_paths(parent_index)  # (L, n_leaves)
+        return codes, _chosen(probabilities, codes)
+    paths = leaf_paths(parent_index)  # (L, n_ends)
     probabilities = [np.asarray(p, np.float32) for p in probabilities]
     if decoding == "bottom_up":
-        leaf = probabilities[-1]  # (N, n_leaves)
-        summed = [leaf @ np.eye(p.shape[1], dtype=np.float32)[paths[level]] for level, p in enumerate(probabilities)]  # (N, C_l): Σ of each class's leaves
+        if (paths[-1] < 0).any():
+            raise ValueError("bottom_up decoding sums finest-level probabilities, but some classes have no finer classes (their cells were "
+                             "unlabelled below them); use decoding='joint', which lets such paths end early.")
+        summed = [probabilities[-1] @ np.eye(p.shape[1], dtype=np.float32)[paths[level]] for level, p in enumerate(probabilities)]  # (N, C_l): Σ of each class's leaves
         codes = [p.argmax(1) for p in summed]
-        return codes, [p[rows, c] for p, c in zip(summed, codes)]
+        return codes, _chosen(summed, codes)
     def log(p): return torch.from_numpy(p).clamp_min(1e-12).log_().numpy()  # torch's vectorised log: ~3x numpy's here
-    path_score = log(probabilities[0])  # (N, C_1): log-probability of the path down to each class
+    scores = [log(probabilities[0])]  # per level (N, C_l): log-probability of the path down to each class
     for level in range(1, len(probabilities)):  # extend every path by one level: own log-probability + the parent's path score
-        path_score = log(probabilities[level]) + np.take(path_score, parent_index[level], axis=1)  # (N, C_l)
-    best_leaf = path_score.argmax(1)  # (N,): the leaf ending the best path
-    codes = [paths[level][best_leaf] for level in range(len(probabilities))]
-    return codes, [p[rows, c] for p, c in zip(probabilities, codes)]
+        scores.append(log(probabilities[level]) + np.take(scores[-1], parent_index[level], axis=1))
+    level_of_end = (paths >= 0).sum(0) - 1  # (n_ends,) the level where each path stops
+    end_scores = np.stack([scores[l][:, c] for l, c in zip(level_of_end, paths[level_of_end, np.arange(paths.shape[1])])], 1)  # (N, n_ends)
+    best = end_scores.argmax(1)  # (N,): the end of the best path
+    codes = [paths[level][best] for level in range(len(probabilities))]
+    return codes, _chosen(probabilities, codes)
+
 
 # %% ../nbs/10_mtl.ipynb #615f7b4c
 def fit_temperature(logits, # (N, C) validation logits (numpy or torch)
@@ -192,12 +205,14 @@ def score_predictions(predictions:pd.DataFrame, # annotator output: predicted_<l
                       obs:pd.DataFrame, # true labels: one column per level (rows aligned with predictions)
                       levels:Sequence[str], # levels to score, coarse to fine
                      ) -> pd.DataFrame:
-    "Per-level accuracy and macro-F1 (Unassigned counts as wrong), one row per level."
+    "Per-level accuracy and macro-F1 over the cells labelled there (Unassigned and no call count as wrong; NaN without labelled cells)."
     rows = []
     for level in levels:
         truth = obs[level].astype(object).to_numpy()
-        predicted = predictions[f"predicted_{level}"].astype(object).to_numpy()
+        predicted = predictions[f"predicted_{level}"].astype(object).fillna(UNASSIGNED).to_numpy()  # NaN: the path ended above this level
         labelled = pd.notna(truth)
+        if not labelled.any():  # e.g. a query whose source does not resolve the finest level
+            rows.append({"level": level, "n_cells": 0, "accuracy": np.nan, "macro_f1": np.nan, "unassigned": np.nan}); continue
         rows.append({"level": level, "n_cells": int(labelled.sum()), "accuracy": accuracy(truth[labelled], predicted[labelled]),
                      "macro_f1": macro_f1(truth[labelled], predicted[labelled]),
                      "unassigned": float(np.mean(predicted[labelled] == UNASSIGNED))})

@@ -120,9 +120,18 @@ def test_annotator_trained_on_zheng_predicts_kang(annotator, kang):
     assert predictions.loc[monocytes, "predicted_anno_lv2"].eq("monocyte").mean() > 0.5  # learned something transferable
 
 
-@pytest.mark.xfail(strict=True, reason="joint decoding only scores paths that reach a finest-level class; with anno_lv4 "
-                   "defined for T cells only, every cell is decoded as a T cell (cellmtl.mtl.decode_hierarchy, nbs/10_mtl.ipynb)")
-def test_joint_decoding_keeps_monocytes_when_the_finest_level_is_partial(annotator, kang):
-    predictions = annotator.predict(kang, decoding="joint")
+def test_joint_decoding_ends_paths_where_the_reference_has_no_finer_label(annotator, kang):
+    predictions = annotator.predict(kang)  # the default, joint
     monocytes = kang.obs["anno_lv3"].eq("CD14 monocyte").to_numpy()
     assert predictions.loc[monocytes, "predicted_anno_lv2"].eq("monocyte").mean() > 0.5
+    called_t = predictions["predicted_anno_lv2"].eq("T").to_numpy()
+    assert predictions.loc[~called_t, "predicted_anno_lv4"].isna().all()  # no T subtype for a cell not called T
+    assert predictions.loc[~called_t, "predicted_anno_lv4_prob"].isna().all()
+    assert predictions.loc[called_t, "predicted_anno_lv4"].notna().all()
+    from cellmtl.mtl import consistency_rate
+    assert consistency_rate(predictions, annotator.hierarchy_) == 1.0
+    scores = annotator.score(kang)  # Kang has no subtypes: level 4 is scored on no cell
+    assert scores.loc["anno_lv4", "n_cells"] == 0 and np.isnan(scores.loc["anno_lv4", "accuracy"])
+    assert scores.loc["anno_lv1", "n_cells"] == kang.n_obs and scores.loc["anno_lv1", "accuracy"] > 0.5
+    with pytest.raises(ValueError, match="use decoding='joint'"):
+        annotator.predict(kang, decoding="bottom_up")
