@@ -22,6 +22,8 @@ from fastcore.basics import patch
 from . import __version__
 from .files import atomic_write_text
 from .train import CheckpointError, History, get_device, load_checkpoint, save_checkpoint
+from .docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONFIG_FILE', 'HISTORY_FILE', 'MODEL_FILES', 'TRAINING_FILES', 'KINDS', 'describe_model_dir',
@@ -297,3 +299,6 @@ def load(directory:str|Path, # a folder written by any cellmtl model's save
     state = read_model_dir(directory, "cpu") if str(device) == "cpu" else None
     kind = (state or read_model_dir(directory, "cpu"))["kind"]
     return model_class(kind, str(directory)).load(directory, device=device)
+
+# %% ../nbs/04_base.ipynb #2b7b3159
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

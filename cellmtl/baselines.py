@@ -20,8 +20,10 @@ from scipy.special import logsumexp
 from .data import LabelHierarchy, align_genes, check_counts, looks_log_transformed, normalize_log1p, stratified_split
 from .data import repeated_names, require_columns, row_indices  # the data layer's error-message helpers
 from .metrics import per_level_summary
+from .docstrings import document_module
 
 logger = logging.getLogger("cellmtl.baselines")
+
 
 # %% auto #0
 __all__ = ['logger', 'log_normalized', 'training_rows', 'training_genes', 'PerLevelAnnotator', 'LogisticRegressionAnnotator',
@@ -337,3 +339,6 @@ class SingleTaskAnnotator(PerLevelAnnotator):
         out = {level: (model.predict_proba(query)[level], model.hierarchy_.classes[level]) for level, model in self.models_.items()}
         self.alignment_ = getattr(self.models_[self.levels[-1]], "alignment_", None)
         return out
+
+# %% ../nbs/11_baselines.ipynb #a220f2f9
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

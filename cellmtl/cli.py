@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from .docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
@@ -141,3 +143,6 @@ def main(argv:list[str]|None=None) -> int:
         print(f"cellmtl {args.command}: {msg}", file=sys.stderr); return 2
     except BrokenPipeError:  # `cellmtl datasets list | head`: the reader left; no traceback
         sys.stdout = open(os.devnull, "w"); return 0
+
+# %% ../nbs/91_cli.ipynb #cf4638b3
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

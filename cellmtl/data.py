@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from .docstrings import document_module
 from fastcore.basics import patch
 
 try:  # scipy's compiled CSR kernels: the fastest way to densify a few rows (see `csr_rows_to_dense`)
@@ -30,6 +31,7 @@ try:  # scipy's compiled CSR kernels: the fastest way to densify a few rows (see
     _HAS_CSR_KERNELS = hasattr(_sparsetools, "csr_row_index") and hasattr(_sparsetools, "csr_todense")
 except ImportError:  # pragma: no cover - a future scipy may move them; the public path is the fallback
     _sparsetools, _HAS_CSR_KERNELS = None, False
+
 
 # %% ../nbs/00_data.ipynb #2ae38828
 def binarize(
@@ -978,3 +980,6 @@ def read_backed(
         warnings.warn(f"{path.name} stores X as CSC: reading cells (rows) will read the whole matrix. Rewrite it once as CSR: "
                       "adata = ad.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(path).", stacklevel=2)
     return adata
+
+# %% ../nbs/00_data.ipynb #8d338f29
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

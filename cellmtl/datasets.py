@@ -22,6 +22,8 @@ import pooch
 import scipy.sparse as sp
 
 from .data import check_counts
+from .docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['SOURCES', 'REGISTRY', 'DATA_DIR_ENV', 'CACHE_DIR_ENV', 'PBMC68K_LEVELS', 'CELLBENCH_PLATES', 'CITESEQ_BATCHES',
@@ -917,3 +919,6 @@ def simulate_hierarchy(n_cells:int, # number of cells
                   seed=seed, effect_size=effect_size, effect_decay=effect_decay, de_fraction=de_fraction,
                   batch_effect=batch_effect, library_size_sd=library_size_sd, chunk_size=chunk)
     return _simulation_anndata(X, parents, ancestors, cells, baseline, params)
+
+# %% ../nbs/01_datasets.ipynb #d9ae125c
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

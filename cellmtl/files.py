@@ -9,8 +9,10 @@ __all__ = ['current_umask', 'atomic_write', 'atomic_write_text']
 import contextlib
 import os
 import tempfile
+from .docstrings import document_module
 from pathlib import Path
 from typing import Callable
+
 
 # %% ../nbs/06_files.ipynb #53e06f02
 def current_umask() -> int:
@@ -44,3 +46,6 @@ def atomic_write_text(path:str|Path, # the file to (re)write
                      ) -> Path:
     "`atomic_write` for text (UTF-8)."
     return atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+# %% ../nbs/06_files.ipynb #d02156c5
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

@@ -28,6 +28,8 @@ from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, ch
 from .nn import attention as dot_product_attention, mlp
 from .train import History, load_model_state, seed_everything
 from .train import fit as train_model  # the one engine (imported under another name: `fit` is HRCAAnnotator's verb)
+from .docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['GeneAEConfig', 'FeatureTokenAttention', 'EncoderLayer', 'GeneAE', 'denoising_pair', 'SELayer', 'SEResBlock',
@@ -567,3 +569,6 @@ def annotate(adata:ad.AnnData, # query cells (raw counts); genes matched to the 
     table = label_predictions(probabilities, obs_name).join(probabilities.add_prefix("prob_"))
     table.attrs["gene_alignment"] = probabilities.attrs.get("gene_alignment")
     return table
+
+# %% ../nbs/20_hrca.ipynb #064e2073
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

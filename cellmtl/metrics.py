@@ -11,8 +11,10 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from .docstrings import document_module
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
+
 
 # %% auto #0
 __all__ = ['accuracy', 'precision_recall_f1', 'macro_f1', 'classification_report_df', 'roc_auc', 'mae', 'mse', 'rmse',
@@ -599,3 +601,6 @@ def per_level_summary(y_true, # per-level true codes: a coarse-to-fine list of a
         frame["consistency"] = [hierarchy_consistency_rate([pred_by_level[l] for l in level_names[: i + 1]], parents[: i + 1])
                                 for i in range(len(level_names))]
     return frame
+
+# %% ../nbs/03_metrics.ipynb #e8f291d4
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

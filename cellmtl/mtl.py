@@ -31,8 +31,10 @@ from .base import BaseModel, check_anndata, user_stacklevel
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_binarizable, check_not_scaled, format_names, repeated_names, row_indices, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
 from .train import CheckpointError, fit, load_model_state, save_checkpoint, seed_everything
+from .docstrings import document_module
 
 logger = logging.getLogger("cellmtl.mtl")
+
 
 # %% auto #0
 __all__ = ['logger', 'PHMAP_TASK_WEIGHTS', 'Decoding', 'DECODINGS', 'UNASSIGNED', 'ANNOTATOR_KIND', 'SharedLayers', 'PHMapNet',
@@ -539,3 +541,6 @@ def _restore(self:HierarchicalAnnotator, state:dict, device:torch.device):
 def _summary(self:HierarchicalAnnotator) -> dict:
     "The readable part of config.json: classes per level and temperatures."
     return {"classes": self.hierarchy_.classes, "temperatures": self.temperatures_}
+
+# %% ../nbs/10_mtl.ipynb #1966ee99
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

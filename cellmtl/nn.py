@@ -11,6 +11,7 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from .docstrings import document_module
 from torch import nn
 
 logger = logging.getLogger("cellmtl.nn")
@@ -21,6 +22,7 @@ try:  # flash-attn is an optional extra (`pip install cellmtl[flash]`, CUDA only
 except Exception:  # ImportError, or a wheel built for another torch/CUDA
     flash_attn_varlen_func = None
     FLASH_ATTN_AVAILABLE = False
+
 
 # %% auto #0
 __all__ = ['logger', 'AttentionBackend', 'ATTENTION_BACKENDS', 'Norm', 'log_once', 'math_attention', 'sdpa_attention',
@@ -148,3 +150,6 @@ def mlp(widths:Sequence[int], # layer widths, input first: [d_in, hidden..., d_o
        ) -> nn.Sequential:
     "An MLP as an nn.Sequential: (..., widths[0]) → (..., widths[-1])."
     return nn.Sequential(*mlp_layers(widths, **kwargs))
+
+# %% ../nbs/05_nn.ipynb #8aef3bcf
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

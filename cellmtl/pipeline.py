@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from .files import atomic_write, atomic_write_text
+from .docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['PROFILES', 'FIGURE_STAGING_ENV', 'FIGURE_RC', 'find_project_root', 'load_profile', 'figure_notebooks',
@@ -309,3 +311,6 @@ def render_readme(notebook:str|Path|None=None, # default: <root>/nbs/index.ipynb
     text += "\n\n".join(parts) + "\n"
     atomic_write_text(out, text)
     return out
+
+# %% ../nbs/90_pipeline.ipynb #1fd4bf06
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .files import atomic_write
+from .docstrings import document_module
+
 
 # %% ../nbs/02_train.ipynb #e9325719
 logger = logging.getLogger("cellmtl.train")
@@ -854,3 +856,6 @@ def fit(model:nn.Module, # trained in place: moved to the device, best weights r
     finally:
         if run is not None: run.close()
         teardown_distributed(context)
+
+# %% ../nbs/02_train.ipynb #11aa3d50
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

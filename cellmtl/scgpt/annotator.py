@@ -23,6 +23,8 @@ from .model import ClsDecoder, TransformerConfig, TransformerModel, embed_cells
 from .objectives import OBJECTIVES, TransformerLoss
 from .tokenize import CellTokenizer, GeneVocab, TokenLoader
 from ..train import History, fit, load_model_state, seed_everything
+from ..docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['PRETRAIN_OBJECTIVES', 'TransformerAnnotatorConfig', 'TransformerAnnotator', 'highly_variable_genes']
@@ -340,3 +342,6 @@ def _restore(self:TransformerAnnotator, state:dict, device:torch.device):
 def _summary(self:TransformerAnnotator) -> dict:
     return {"label_key": self.config.label_key, "classes": self.classes_, "n_classes": None if self.classes_ is None else len(self.classes_),
             "batch_categories": self.batch_categories_, "d_model": self.model_.d_model}
+
+# %% ../../nbs/35_annotator.ipynb #b6b157c4
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

@@ -22,8 +22,10 @@ from torch import nn
 from ..nn import ATTENTION_BACKENDS, AttentionBackend, attention, grad_reverse, mlp, mlp_layers, resolve_attention_backend
 from .tokenize import GeneVocab
 from ..files import atomic_write
+from ..docstrings import document_module
 
 logger = logging.getLogger("cellmtl.scgpt.model")
+
 
 # %% auto #0
 __all__ = ['logger', 'NormScheme', 'MVCStyle', 'InputEmbStyle', 'CellEmbStyle', 'GeneEncoder', 'ContinuousValueEncoder',
@@ -676,3 +678,6 @@ def embed_cells(model:TransformerModel, # a trained model
             chunks.append(model.embed(gene_ids, values, padding, batch_labels).float().cpu())  # (B, d)
     finally: model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0, model.d_model)
+
+# %% ../../nbs/31_model.ipynb #f9c8a584
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import TransformerModel, contrastive_cell_loss, elastic_cell_similarity_loss
+from ..docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'DEFAULT_WEIGHTS', 'masked_mse_loss', 'criterion_neg_log_bernoulli', 'TransformerLoss']
@@ -95,3 +97,6 @@ class TransformerLoss:
             logs["dab_acc"] = (out["dab_output"].argmax(1) == batch["batch_labels"]).float().mean()
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return {"loss": loss, **terms, **logs}
+
+# %% ../../nbs/32_objectives.ipynb #3b6a0f7c
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)

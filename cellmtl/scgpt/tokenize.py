@@ -21,6 +21,8 @@ from fastcore.basics import patch
 
 from ..files import atomic_write
 from ..data import CSRBatchLoader, LabelHierarchy, check_not_scaled, format_names
+from ..docstrings import document_module
+
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'GeneVocab', 'random_keys', 'to_uniform', 'quantile_edges', 'digitize', 'smallest_per_row',
@@ -574,3 +576,6 @@ def __repr__(self:TokenLoader):
             f"epoch={self.epoch}, resample_each_epoch={self.resample_each_epoch}, labels={self.hierarchy.levels if self.hierarchy else None}, "
             f"batch_categories={self.batch_categories}; {self.tokenizer!r})")
 
+
+# %% ../../nbs/30_tokenize.ipynb #99d632b3
+document_module(globals())  # every parameter comment above into __doc__, for help() and IDEs (see 07_docstrings)
