@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import io
 import os
 import warnings
@@ -173,7 +174,7 @@ REGISTRY: dict[str, RegistryFile] = _build_registry()
 
 # %% ../nbs/01_datasets.ipynb #65f334f3
 _BUNDLED = {"name": "pbmc68k_reduced", "files": 0, "size_bytes": 0,
-            "description": "700 PBMCs x 765 genes, log-normalised, 10 bulk-sorted immune types (+ a 4-level hierarchy)",
+            "description": "700 PBMCs x 765 genes, log-normalised, 10 immune types from correlation with sorted bulk profiles (noisy; + a 4-level hierarchy)",
             "source": "bundled with scanpy: scanpy.datasets.pbmc68k_reduced()", "commit": "",
             "licence": "BSD-3-Clause (scanpy); data from 10x Genomics (Zheng et al. 2017)", "loader": "pbmc68k_hierarchy()"}
 
@@ -183,6 +184,12 @@ def _human_size(n:int) -> str:
         if n < 1000 or unit == "GB": return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
 
+def _bundled_size() -> int:
+    "Bytes of scanpy's bundled pbmc68k_reduced file (found without importing scanpy; 0 when absent)."
+    spec = importlib.util.find_spec("scanpy")
+    path = Path(spec.origin).parent/"datasets"/"10x_pbmc68k_reduced.h5ad" if spec and spec.origin else None
+    return path.stat().st_size if path is not None and path.exists() else 0
+
 def list_datasets() -> pd.DataFrame:
     "One row per dataset: name, number of files, total size, source, licence, loader."
     rows = []
@@ -191,7 +198,7 @@ def list_datasets() -> pd.DataFrame:
         rows.append({"name": s.name, "files": len(files), "size_bytes": sum(f.size for f in files),
                      "description": s.description, "source": f"{s.repository}@{s.commit[:7]}", "commit": s.commit,
                      "licence": s.licence, "loader": s.loader})
-    rows.append(dict(_BUNDLED))
+    rows.append(dict(_BUNDLED, size_bytes=_bundled_size()))
     df = pd.DataFrame(rows)
     df.insert(3, "size", [_human_size(n) for n in df["size_bytes"]])
     return df
