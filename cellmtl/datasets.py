@@ -604,6 +604,18 @@ def _add_hierarchy(obs:pd.DataFrame, # the loader's obs; gets anno_lv1..4 and th
             obs[column] = pd.Categorical(values, categories=order if column == level else None)
     return obs
 
+def _reference_uns(dataset:str, # the DatasetSource name
+                   files:str, # the upstream file(s) the cells come from
+                   labels:str, # where the labels come from, in words
+                   counts:str, # how X was recovered, in words
+                  ) -> dict:
+    "The PBMC reference loaders' uns: the level columns and where the data, labels and counts come from."
+    source = SOURCES[dataset]
+    return {"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
+            "cellmtl_source": {"dataset": dataset, "simulated": False, "source": f"{source.repository}@{source.commit}, {files}",
+                               "licence": source.licence, "labels": labels, "X": counts,
+                               "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}}
+
 
 # %% ../nbs/01_datasets.ipynb #a1c0e006
 def _integral_counts(values:np.ndarray, # recovered counts (the non-zero entries of a sparse matrix)
@@ -681,14 +693,9 @@ def zheng_sorted_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: 
     obs = _add_hierarchy(obs, "zheng_sorted_pbmc", "trueLabel")
     var = pd.DataFrame({"gene_symbol": features["GeneSymbol"].astype(str).to_numpy(),
                         "n_cells_pbmc14k": features["nCell"].to_numpy(dtype=np.int64)}, index=genes)
-    source = SOURCES["zheng_sorted_pbmc"]
     return ad.AnnData(X=X, obs=obs, var=var, obsm={"X_umap": pheno[["UMAP_1", "UMAP_2"]].to_numpy(np.float32)},
-                      uns={"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
-                           "cellmtl_source": {"dataset": "zheng_sorted_pbmc", "simulated": False,
-                                              "source": f"{source.repository}@{source.commit}, data/pbmc14k_expression.eset.rda",
-                                              "licence": source.licence, "labels": "trueLabel: FACS sorting gate (Zheng et al. 2017)",
-                                              "X": "raw UMI counts (int32) recovered from log2(CPM + 1) over the 8,846 kept genes",
-                                              "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}})
+                      uns=_reference_uns("zheng_sorted_pbmc", "data/pbmc14k_expression.eset.rda", "trueLabel: FACS sorting gate (Zheng et al. 2017)",
+                                        "raw UMI counts (int32) recovered from log2(CPM + 1) over the 8,846 kept genes"))
 
 
 # %% ../nbs/01_datasets.ipynb #a1c0e012
@@ -717,14 +724,10 @@ def kang_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL
     obs["n_genes"] = np.diff(X.indptr).astype(np.int64)
     obs = _add_hierarchy(obs, "kang_pbmc", "cell_type")
     var = pd.DataFrame({"gene_symbol": original.var_names.astype(str)}, index=original.var_names.astype(str))
-    source = SOURCES["kang_pbmc"]
     return ad.AnnData(X=X, obs=obs, var=var, obsm={k: np.asarray(original.obsm[k], np.float32) for k in ("X_pca", "X_umap") if k in original.obsm},
-                      uns={"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
-                           "cellmtl_source": {"dataset": "kang_pbmc", "simulated": False,
-                                              "source": f"{source.repository}@{source.commit}, data/valid.h5ad", "licence": source.licence,
-                                              "labels": "cell_type: scGen's annotation (clusters); condition: IFN-beta stimulation (a perturbation, not a batch)",
-                                              "X": f"raw UMI counts (int32) recovered as expm1(X) * n_counts / {_KANG_SCALE}",
-                                              "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}})
+                      uns=_reference_uns("kang_pbmc", "data/valid.h5ad",
+                                        "cell_type: scGen's annotation (clusters); condition: IFN-beta stimulation (a perturbation, not a batch)",
+                                        f"raw UMI counts (int32) recovered as expm1(X) * n_counts / {_KANG_SCALE}"))
 
 
 # %% ../nbs/01_datasets.ipynb #a1c0e015
@@ -756,14 +759,10 @@ def symphony_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CEL
     obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel().astype(np.int64)  # over the 1,767 kept genes
     obs["n_genes"] = np.diff(X.indptr).astype(np.int64)
     obs = _add_hierarchy(obs, "symphony_pbmc", "cell_type")
-    source = SOURCES["symphony_pbmc"]
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame({"gene_symbol": genes.to_numpy()}, index=genes),
-                      uns={"cellmtl_levels": list(PBMC_REFERENCE_LEVELS),
-                           "cellmtl_source": {"dataset": "symphony_pbmc", "simulated": False,
-                                              "source": f"{source.repository}@{source.commit}, data/pbmcs_exprs_small.rda + pbmcs_meta_small.rda",
-                                              "licence": source.licence, "labels": "cell_type: Symphony's vignette annotation; technology (source column `donor`) is the batch",
-                                              "X": "raw UMI counts (int32) recovered as expm1(x) * nUMI / 1e4 over the 1,767 kept genes",
-                                              "hierarchy": "cellmtl/resources/pbmc_reference_hierarchy.csv"}})
+                      uns=_reference_uns("symphony_pbmc", "data/pbmcs_exprs_small.rda + pbmcs_meta_small.rda",
+                                        "cell_type: Symphony's vignette annotation; technology (source column `donor`) is the batch",
+                                        "raw UMI counts (int32) recovered as expm1(x) * nUMI / 1e4 over the 1,767 kept genes"))
 
 
 # %% ../nbs/01_datasets.ipynb #38da0cfb
