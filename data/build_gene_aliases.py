@@ -21,22 +21,18 @@ Rules:
 """
 from __future__ import annotations
 
-import argparse
-import sqlite3
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_gene_symbols import EXPECTED_VERSION, PACKAGE, REPO_ROOT, download_deb, extract_sqlite, hgnc_mito_symbol, write_table  # noqa: E402
+from orgdb import MT_ALIAS_SQL, PACKAGE, REPO_ROOT, connect, hgnc_mito_symbol, metadata, parse_args, sqlite_files, write_table  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "cellmtl" / "resources" / "gene_aliases.tsv.gz"
 
-CURRENT = """
+CURRENT = f"""
 SELECT g.gene_id AS entrez_id, i.symbol AS name,
        (SELECT 1 FROM chromosomes c WHERE c._id = g._id AND c.chromosome = 'MT') AS mito,
-       (SELECT a.alias_symbol FROM alias a WHERE a._id = g._id AND a.alias_symbol LIKE 'MT%'
-          AND a.alias_symbol NOT LIKE 'MT-%' ORDER BY a.alias_symbol LIMIT 1) AS mt_alias
+       {MT_ALIAS_SQL.format(x="g")} AS mt_alias
 FROM genes g JOIN gene_info i ON i._id = g._id
 """
 ALIASES = "SELECT g.gene_id AS entrez_id, a.alias_symbol AS name FROM alias a JOIN genes g ON g._id = a._id"
@@ -46,8 +42,8 @@ def build_table(sqlite_path: Path):
     """(name, entrez_id, current) rows from org.Hs.eg.sqlite, and the database's metadata."""
     import pandas as pd
 
-    with sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True) as con:
-        meta = dict(con.execute("SELECT name, value FROM metadata").fetchall())
+    with connect(sqlite_path) as con:
+        meta = metadata(con)
         current = pd.read_sql(CURRENT, con)
         aliases = pd.read_sql(ALIASES, con)
     mito = current["mito"].eq(1)
@@ -64,21 +60,9 @@ def build_table(sqlite_path: Path):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deb", type=Path, help="use this downloaded .deb instead of running apt-get download")
-    parser.add_argument("--sqlite", type=Path, help="use this org.Hs.eg.sqlite directly")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the .tsv.gz")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="orghs_") as tmp:
-        workdir = Path(tmp)
-        if args.sqlite:
-            sqlite_path, deb_name = args.sqlite, "(sqlite given directly)"
-        else:
-            deb = args.deb or download_deb(workdir)
-            deb_name = deb.name
-            if EXPECTED_VERSION not in deb_name:
-                print(f"warning: expected {PACKAGE} {EXPECTED_VERSION}, got {deb_name}", file=sys.stderr)
-            sqlite_path = extract_sqlite(deb, workdir)
+    args = parse_args(__doc__.splitlines()[0], DEFAULT_OUTPUT, argv=argv)
+    with sqlite_files(args) as found:
+        sqlite_path, deb_name = found[PACKAGE]
         table, meta = build_table(sqlite_path)
     n_current = int(table["current"].sum())
     header = [

@@ -26,37 +26,18 @@ Rules (documented in data/README.md):
 """
 from __future__ import annotations
 
-import argparse
-import gzip
-import io
-import shutil
-import sqlite3
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-PACKAGE = "r-bioc-org.hs.eg.db"
-EXPECTED_VERSION = "3.16.0-1"  # Debian bookworm; other versions work but give a different table
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from orgdb import (EXPECTED_VERSION, MITO_RNA_ENSEMBL, MT_ALIAS_SQL, PACKAGE, REPO_ROOT, connect,  # noqa: E402,F401
+                   download_deb, extract_sqlite, hgnc_mito_symbol, metadata, parse_args, sqlite_files, write_table)
+
 DEFAULT_OUTPUT = REPO_ROOT / "cellmtl" / "resources" / "gene_symbols.tsv.gz"
 
-# Ensembl gene IDs of the mitochondrially encoded RNA genes (chrM order), which org.Hs.eg.db does not link.
-MITO_RNA_ENSEMBL = {
-    "MT-TF": "ENSG00000210049", "MT-RNR1": "ENSG00000211459", "MT-TV": "ENSG00000210077",
-    "MT-RNR2": "ENSG00000210082", "MT-TL1": "ENSG00000209082", "MT-TI": "ENSG00000210100",
-    "MT-TQ": "ENSG00000210107", "MT-TM": "ENSG00000210112", "MT-TW": "ENSG00000210117",
-    "MT-TA": "ENSG00000210127", "MT-TN": "ENSG00000210135", "MT-TC": "ENSG00000210140",
-    "MT-TY": "ENSG00000210144", "MT-TS1": "ENSG00000210151", "MT-TD": "ENSG00000210154",
-    "MT-TK": "ENSG00000210156", "MT-TG": "ENSG00000210164", "MT-TR": "ENSG00000210174",
-    "MT-TH": "ENSG00000210176", "MT-TS2": "ENSG00000210184", "MT-TL2": "ENSG00000210191",
-    "MT-TE": "ENSG00000210194", "MT-TT": "ENSG00000210195", "MT-TP": "ENSG00000210196",
-}
-
-MITO_QUERY = """
+MITO_QUERY = f"""
 SELECT g.gene_id AS entrez_id, i.symbol, t.gene_type, 'MT' AS chromosome, 1 AS n_ensembl_links,
-       (SELECT a.alias_symbol FROM alias a WHERE a._id = g._id AND a.alias_symbol LIKE 'MT%'
-          AND a.alias_symbol NOT LIKE 'MT-%' ORDER BY a.alias_symbol LIMIT 1) AS mt_alias
+       {MT_ALIAS_SQL.format(x="g")} AS mt_alias
 FROM genes g
 JOIN gene_info i ON i._id = g._id
 LEFT JOIN genetype t ON t._id = g._id
@@ -64,12 +45,11 @@ WHERE g._id IN (SELECT _id FROM chromosomes WHERE chromosome = 'MT')
   AND g._id NOT IN (SELECT _id FROM ensembl)
 """
 
-QUERY = """
+QUERY = f"""
 SELECT e.ensembl_id, g.gene_id AS entrez_id, i.symbol, t.gene_type,
        (SELECT group_concat(c.chromosome, ';') FROM chromosomes c WHERE c._id = e._id) AS chromosome,
        (SELECT count(*) FROM ensembl e2 WHERE e2._id = e._id) AS n_ensembl_links,
-       (SELECT a.alias_symbol FROM alias a WHERE a._id = e._id AND a.alias_symbol LIKE 'MT%'
-          AND a.alias_symbol NOT LIKE 'MT-%' ORDER BY a.alias_symbol LIMIT 1) AS mt_alias
+       {MT_ALIAS_SQL.format(x="e")} AS mt_alias
 FROM ensembl e
 JOIN genes g ON g._id = e._id
 JOIN gene_info i ON i._id = e._id
@@ -77,42 +57,12 @@ LEFT JOIN genetype t ON t._id = e._id
 """
 
 
-def download_deb(workdir: Path) -> Path:
-    """`apt-get download` the Debian package into `workdir` (needs `apt-get update` to have run once)."""
-    subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True)
-    debs = sorted(workdir.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        sys.exit(f"apt-get download did not produce {PACKAGE}_*.deb in {workdir}; run `apt-get update` first.")
-    return debs[-1]
-
-
-def extract_sqlite(deb: Path, workdir: Path) -> Path:
-    """Unpack the .deb with `dpkg-deb -x` and return the path of org.Hs.eg.sqlite."""
-    root = workdir / "extracted"
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    found = sorted(root.rglob("org.Hs.eg.sqlite"))
-    if not found:
-        sys.exit(f"no org.Hs.eg.sqlite inside {deb}")
-    return found[0]
-
-
-def hgnc_mito_symbol(symbol: str, mt_alias: str | None) -> str:
-    """HGNC-style symbol for a mitochondrially encoded gene: alias MTND1 -> MT-ND1, TRNF -> MT-TF, else MT- + symbol."""
-    if symbol.startswith("MT-"):
-        return symbol
-    if mt_alias:
-        return "MT-" + mt_alias[2:]
-    if symbol.startswith("TRN"):
-        return "MT-T" + symbol[3:]
-    return "MT-" + symbol
-
-
 def build_table(sqlite_path: Path):
     """Read org.Hs.eg.sqlite and return the gene table as a pandas DataFrame (one row per Ensembl ID)."""
     import pandas as pd
 
-    with sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True) as con:
-        meta = dict(con.execute("SELECT name, value FROM metadata").fetchall())
+    with connect(sqlite_path) as con:
+        meta = metadata(con)
         df = pd.read_sql(QUERY, con)
         mito_rna = pd.read_sql(MITO_QUERY, con)
     mito = df["chromosome"].eq("MT")
@@ -139,36 +89,10 @@ def build_table(sqlite_path: Path):
     return df.reset_index(drop=True), meta, n_multi
 
 
-def write_table(df, output: Path, header_lines: list[str]) -> None:
-    """Write a deterministic gzip TSV (mtime 0) with `#` comment lines on top."""
-    text = io.StringIO()
-    for line in header_lines:
-        text.write(f"# {line}\n")
-    df.to_csv(text, sep="\t", index=False, lineterminator="\n")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-        gz.write(text.getvalue().encode())
-    tmp.replace(output)
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deb", type=Path, help="use this downloaded .deb instead of running apt-get download")
-    parser.add_argument("--sqlite", type=Path, help="use this org.Hs.eg.sqlite directly")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the .tsv.gz")
-    args = parser.parse_args(argv)
-
-    with tempfile.TemporaryDirectory(prefix="orghs_") as tmp:
-        workdir = Path(tmp)
-        if args.sqlite:
-            sqlite_path, deb_name = args.sqlite, "(sqlite given directly)"
-        else:
-            deb = args.deb or download_deb(workdir)
-            deb_name = deb.name
-            if EXPECTED_VERSION not in deb_name:
-                print(f"warning: expected {PACKAGE} {EXPECTED_VERSION}, got {deb_name}", file=sys.stderr)
-            sqlite_path = extract_sqlite(deb, workdir)
+    args = parse_args(__doc__.splitlines()[0], DEFAULT_OUTPUT, argv=argv)
+    with sqlite_files(args) as found:
+        sqlite_path, deb_name = found[PACKAGE]
         df, meta, n_multi = build_table(sqlite_path)
 
     header = [
