@@ -341,15 +341,18 @@ def gene_alias_table() -> pd.DataFrame:
                                 "python data/build_gene_aliases.py (see data/README.md), or pass rescue_symbols=False.")
     return pd.read_csv(path, sep="\t", comment="#", dtype=str, keep_default_na=False)
 
-_SISTER_LOCUS = r"-(?:AS|DT|IT|OT)\d*$"  # HGNC names of antisense, divergent, intronic, overlapping transcripts of another gene
+_SISTER_LOCUS = r"-(?:AS|DT|IT|OT)\d*$"  # HGNC suffixes of antisense, divergent, intronic, overlapping transcripts of a gene
 
 @functools.lru_cache(maxsize=1)
 def _entrez_of_name() -> pd.Series:
     "name -> Entrez gene for the names that identify one gene: a current symbol of one gene, else an alias of one gene."
     table = gene_alias_table()
     current = table[table["current"] == "1"]
-    aliases = table[(table["current"] == "0") & ~table["name"].isin(current["name"])
-                    & ~table["name"].str.contains(_SISTER_LOCUS)]  # HNRNPU-AS1 is its own RNA, even where a database merged it into HNRNPU
+    aliases = table[(table["current"] == "0") & ~table["name"].isin(current["name"])]
+    symbol_of = current.drop_duplicates("entrez_id").set_index("entrez_id")["name"]
+    host = aliases["name"].str.replace(_SISTER_LOCUS, "", regex=True)  # HNRNPU-AS1 -> HNRNPU; other names unchanged
+    sister = (host != aliases["name"]) & (host == aliases["entrez_id"].map(symbol_of))  # "<its own gene's symbol>-AS1": another RNA
+    aliases = aliases[~sister.to_numpy()]  # HNRNPU-AS1 is its own RNA even where a database merged it into HNRNPU; RSBN1L-AS1 -> APTR is a rename
     unique = [part[~part["name"].duplicated(keep=False)] for part in (current, aliases)]  # a name of two genes is ambiguous
     return pd.concat(unique).set_index("name")["entrez_id"]
 
