@@ -257,10 +257,14 @@ def read_model_dir(directory:str|Path, # a folder written by a model's save
                               "cellmtl.train.load_checkpoint and the model's load_model_state.")
     return state
 
+_OTHER_LOADERS = {"cellmtl.GenePrior": "cellmtl.priors.GenePrior.load(dir)"}  # saved objects that are not AnnData-facing models
+
 def model_class(kind:str, # the `kind` stored in model.pt
                 source:str="", # where it was read, for messages
                ) -> type:
     "The model class for `kind`, importing its module on demand."
+    if kind in _OTHER_LOADERS:
+        raise CheckpointError(f"{source or 'this folder'} holds a {kind}, not a model cellmtl.load returns; load it with {_OTHER_LOADERS[kind]}.")
     if kind not in _CLASSES and kind in KINDS: importlib.import_module(KINDS[kind])
     if kind not in _CLASSES:
         raise CheckpointError(f"{source or 'this model'} has kind {kind!r}, which this cellmtl ({__version__}) does not know; "
@@ -269,6 +273,7 @@ def model_class(kind:str, # the `kind` stored in model.pt
 
 def loader_name(kind:str) -> str:
     "How to call the loader of `kind`, for error messages (e.g. 'cellmtl.hrca.HRCAAnnotator.load(dir)')."
+    if kind in _OTHER_LOADERS: return _OTHER_LOADERS[kind]
     cls = _CLASSES.get(kind)
     module = KINDS.get(kind, getattr(cls, "__module__", "?"))
     return f"{module}.{cls.__qualname__ if cls else kind.rsplit('.', 1)[-1]}.load(dir)"
