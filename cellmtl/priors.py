@@ -32,12 +32,12 @@ from .train import CheckpointError, load_checkpoint, save_checkpoint
 from .docstrings import document_module
 
 # %% auto #0
-__all__ = ['KNOWLEDGE_FILE', 'GO_TERMS_FILE', 'KNOWLEDGE_COLUMNS', 'TEXT_MODEL', 'TEXT_PACKAGE_HINT', 'PRIOR_KIND',
-           'PRIOR_SOURCES', 'prepare_expression', 'CoexpressionNetwork', 'write_gene_pairs', 'coexpression_network',
-           'stable_hash', 'GeneEmbedding', 'gene2vec', 'random_walks', 'node2vec', 'gene_knowledge_table',
-           'go_term_table', 'match_knowledge', 'gene_texts', 'load_text_model', 'text_embedding', 'annotation_features',
-           'KnowledgeEmbedding', 'knowledge_embedding', 'pad_columns', 'reduce_pca', 'fuse', 'GenePriorConfig',
-           'GenePrior']
+__all__ = ['KNOWLEDGE_FILE', 'GO_TERMS_FILE', 'KNOWLEDGE_COLUMNS', 'TEXT_MODEL', 'TEXT_PACKAGE_HINT', 'ANNOTATION_SETS',
+           'PRIOR_KIND', 'PRIOR_SOURCES', 'prepare_expression', 'CoexpressionNetwork', 'write_gene_pairs',
+           'coexpression_network', 'stable_hash', 'GeneEmbedding', 'gene2vec', 'random_walks', 'node2vec',
+           'gene_knowledge_table', 'go_term_table', 'match_knowledge', 'gene_texts', 'load_text_model',
+           'text_embedding', 'annotation_features', 'KnowledgeEmbedding', 'knowledge_embedding', 'pad_columns',
+           'reduce_pca', 'fuse', 'GenePriorConfig', 'GenePrior']
 
 # %% ../nbs/40_priors.ipynb #59d41b70
 def _gene_names(adata:ad.AnnData, gene_key:str|None) -> pd.Index:
@@ -86,17 +86,26 @@ def prepare_expression(adata:ad.AnnData, # training cells: raw counts, or log-no
     return out
 
 # %% ../nbs/40_priors.ipynb #f822dfb2
-def _correlation_blocks(X:sp.csr_matrix, block_size:int):
+def _correlation_blocks(X:sp.csr_matrix, # (n, G) cells x genes
+                        block_size:int, # genes per yielded block
+                        chunk_bytes:int=2**28, # at most this much of X is dense at a time (rows of cells)
+                       ):
     "Yield (start, r): Pearson r of genes start..start+b with all genes, (b, G) float64, diagonal set to -inf."
     n, G = X.shape
     X = sp.csr_matrix(X, dtype=np.float64)
-    columns = X.T.tocsr()  # (G, n)
     mean = np.asarray(X.mean(axis=0)).ravel()  # (G,)
-    sd = np.sqrt(np.maximum(np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean ** 2, 0))  # (G,) population sd
+    step = max(1, chunk_bytes // (8 * max(G, 1)))  # cells per dense chunk
+    chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    centred = lambda rows: X[rows].toarray() - mean  # (c, G) dense, centred
+    kept = centred(chunks[0]) if len(chunks) == 1 else None  # one chunk: densify once, reuse for every block
+    sd = np.sqrt(sum(((kept if kept is not None else centred(c)) ** 2).sum(axis=0) for c in chunks) / n)  # (G,) population sd
     for start in range(0, G, block_size):
         stop = min(start + block_size, G)
-        cov = (columns[start:stop] @ X).toarray() / n - np.outer(mean[start:stop], mean)  # (b, G)
-        scale = np.outer(sd[start:stop], sd)  # (b, G)
+        cov = np.zeros((stop - start, G))  # (b, G)
+        for rows in chunks:
+            dense = kept if kept is not None else centred(rows)  # (c, G)
+            cov += dense[:, start:stop].T @ dense  # (b, c) @ (c, G)
+        scale = np.outer(sd[start:stop], sd) * n  # (b, G)
         r = np.clip(np.divide(cov, scale, out=np.zeros_like(cov), where=scale > 0), -1, 1)  # (b, G)
         r[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # no self-edges
         yield start, r
@@ -163,7 +172,7 @@ def coexpression_network(adata:ad.AnnData, # the TRAINING cells: counts (normali
                          threshold:float=0.7, # link genes with Pearson r >= threshold (ignored when top_k is given)
                          top_k:int|None=None, # instead: link each gene to its top_k most correlated genes (r > 0)
                          min_cells_fraction:float=0.1, # correlate only genes detected in at least this share of the cells
-                         block_size:int=1024, # genes per block: memory is about block_size x n_genes x 8 bytes
+                         block_size:int=1024, # genes per block: memory is about block_size x n_genes x 8 bytes, plus a 256 MB chunk of cells
                          layer:str|None=None, # read adata.layers[layer] instead of X
                          gene_key:str|None=None, # var column with the gene names; None: var_names
                         ) -> CoexpressionNetwork:
@@ -382,15 +391,21 @@ def text_embedding(texts:Sequence[str], # one text per gene ('' for a gene witho
     return out
 
 # %% ../nbs/40_priors.ipynb #e3334ed3
+ANNOTATION_SETS = ("go", "kegg", "pfam")  # the 0/1 column blocks: GO terms, KEGG pathways, Pfam domains
+
 def annotation_features(rows:np.ndarray, # (G,) row of each gene in `table`, -1 where absent
                         table:pd.DataFrame, # from `gene_knowledge_table`
                         go_terms:pd.DataFrame, # from `go_term_table`
                         min_go_genes:int=10, # GO terms with fewer genes (in GO.db) are left out
+                        sets:Sequence[str]=ANNOTATION_SETS, # which annotations become columns: "go", "kegg", "pfam"
                        ) -> tuple[sp.csr_matrix, pd.Index]:
     "(G, C) CSR float32 0/1 columns for GO terms, KEGG pathways (KEGG:...) and Pfam domains, each block / sqrt(its width)."
+    unknown = [s for s in sets if s not in ANNOTATION_SETS]
+    if unknown: raise ValueError(f"annotation sets {unknown} are not among {ANNOTATION_SETS}.")
     keep_go = set(go_terms.index[go_terms["n_genes"] >= min_go_genes])
+    choices = {"go": (("go_bp", "go_cc", "go_mf"), "", keep_go), "kegg": (("kegg",), "KEGG:", None), "pfam": (("pfam",), "", None)}
     blocks, names = [], []
-    for columns, prefix, allowed in ((("go_bp", "go_cc", "go_mf"), "", keep_go), (("kegg",), "KEGG:", None), (("pfam",), "", None)):
+    for columns, prefix, allowed in (choices[s] for s in ANNOTATION_SETS if s in sets):
         members = [sorted({f"{prefix}{v}" for c in columns for v in table.iat[row, table.columns.get_loc(c)].split(";")
                            if v and (allowed is None or v in allowed)}) if row >= 0 else [] for row in rows]
         vocabulary = pd.Index(sorted({m for gene in members for m in gene}))
@@ -424,6 +439,7 @@ def knowledge_embedding(genes, # gene symbols and/or Ensembl IDs, in the prior's
                         text:bool=True, # embed the name + GO text with all-MiniLM-L6-v2
                         features:bool=True, # add the 0/1 GO / KEGG / Pfam columns
                         min_go_genes:int=10, # GO terms with fewer genes are not columns
+                        sets:Sequence[str]=ANNOTATION_SETS, # which annotations become 0/1 columns ("go", "kegg", "pfam")
                         path:str|Path|None=None, # gene knowledge table; None: the shipped one
                         go_path:str|Path|None=None, # GO term table; None: the shipped one
                         cache_dir:str|Path|None=None, # text-embedding cache folder
@@ -438,7 +454,7 @@ def knowledge_embedding(genes, # gene symbols and/or Ensembl IDs, in the prior's
     if missing: warnings.warn(f"knowledge_embedding: {len(missing):,} of {len(genes):,} genes are not in the gene knowledge table and get "
                               f"zero rows (e.g. {missing[:5]}).", stacklevel=2)
     vectors = text_embedding(gene_texts(rows, table, go_terms), cache_dir) if text else np.zeros((len(genes), 0), np.float32)
-    block, columns = annotation_features(rows, table, go_terms, min_go_genes) if features else (sp.csr_matrix((len(genes), 0), dtype=np.float32), pd.Index([]))
+    block, columns = annotation_features(rows, table, go_terms, min_go_genes, sets) if features else (sp.csr_matrix((len(genes), 0), dtype=np.float32), pd.Index([]))
     return KnowledgeEmbedding(genes, vectors, block, columns, covered, missing)
 
 # %% ../nbs/40_priors.ipynb #8ed9ff4c
@@ -515,6 +531,7 @@ class GenePriorConfig:
     text: bool = True # knowledge: embed the name + GO text
     features: bool = True # knowledge: the 0/1 GO / KEGG / Pfam columns
     min_go_genes: int = 10 # knowledge: GO terms with fewer genes are not columns
+    annotation_sets: tuple = ANNOTATION_SETS # knowledge: which annotations become 0/1 columns (leave "kegg" out to score a prior against KEGG)
     feature_size: int = 512 # the prior's width per part (gene2vec zero-padded, knowledge PCA-reduced to it)
     combine: str = "sum" # "sum" or "concat" of the parts
     seed: int = 0 # seeds gensim, the shuffles, the walks and the PCA
@@ -523,6 +540,7 @@ class GenePriorConfig:
 
     def __post_init__(self):
         self.sources = tuple([self.sources] if isinstance(self.sources, str) else self.sources)
+        self.annotation_sets = tuple([self.annotation_sets] if isinstance(self.annotation_sets, str) else self.annotation_sets)
         unknown = [s for s in self.sources if s not in PRIOR_SOURCES]
         if unknown or not self.sources: raise ValueError(f"sources must be a non-empty subset of {PRIOR_SOURCES}, got {self.sources}.")
         if self.coexpression_method not in ("gene2vec", "node2vec"): raise ValueError(f"coexpression_method must be 'gene2vec' or 'node2vec', got {self.coexpression_method!r}.")
@@ -588,7 +606,7 @@ def build(cls:GenePrior,
         parts[vectors.source] = (pad_columns(vectors.matrix, size), vectors.covered)
     if "knowledge" in config.sources:
         start = time.perf_counter()
-        known = knowledge_embedding(genes, ensembl, config.text, config.features, config.min_go_genes, knowledge_path, go_path, cache_dir)
+        known = knowledge_embedding(genes, ensembl, config.text, config.features, config.min_go_genes, config.annotation_sets, knowledge_path, go_path, cache_dir)
         reduced = reduce_pca(known.matrix, known.covered, size, config.seed)  # (G, size)
         report["seconds"]["knowledge"] = time.perf_counter() - start
         report["knowledge"] = {"n_columns": len(known.columns), "n_missing": len(known.missing), "missing": known.missing[:50]}
