@@ -237,7 +237,7 @@ def prior(cells, tables):
 
 
 def test_prior_coverage(prior, network, cells):
-    assert prior.matrix.shape == (len(network.genes), 32) and prior.matrix.dtype == np.float32
+    assert prior.matrix.shape == (len(network.genes), 64) and prior.matrix.dtype == np.float32  # concat of two 32-wide parts
     np.testing.assert_array_equal(prior.coverage["gene2vec"], network.degree > 0)
     in_table = prior.genes.isin(["HLA-DRB1", "CD74", "NQO1", "VIM", "ACTB", "GAPDH"])
     np.testing.assert_array_equal(prior.coverage["knowledge"], in_table)
@@ -250,8 +250,8 @@ def test_prior_coverage(prior, network, cells):
 
 
 def test_prior_variants(cells, tables):
-    concat = GenePrior.build(cells, dimensions=16, epochs=2, feature_size=32, combine="concat", **tables)
-    assert concat.matrix.shape[1] == 64
+    summed = GenePrior.build(cells, dimensions=16, epochs=2, feature_size=32, combine="sum", **tables)
+    assert summed.matrix.shape[1] == 32
     walks = GenePrior.build(cells, sources=("coexpression",), coexpression_method="node2vec", top_k=3, dimensions=16, epochs=1,
                             walks_per_node=2, walk_length=5, feature_size=16)
     assert set(walks.coverage) == {"node2vec"} and walks.coverage["node2vec"].mean() > 0.9
