@@ -27,8 +27,8 @@ from .docstrings import document_module
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONFIG_FILE', 'HISTORY_FILE', 'MODEL_FILES', 'TRAINING_FILES', 'KINDS', 'describe_model_dir',
-           'check_anndata', 'user_stacklevel', 'BaseModel', 'label_predictions', 'read_model_dir', 'model_class',
-           'loader_name', 'load']
+           'check_anndata', 'user_stacklevel', 'BaseModel', 'label_predictions', 'save_dir', 'read_model_dir',
+           'model_class', 'loader_name', 'load']
 
 # %% ../nbs/04_base.ipynb #45ceb5b7
 MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.pt", "config.json", "history.csv"
@@ -208,6 +208,17 @@ def _jsonable(value):
     if value is None or isinstance(value, (bool, int, float, str)): return value
     return str(value)
 
+def save_dir(directory:str|Path, # the folder a model (or prior) is about to be saved to
+             overwrite:bool=False, # allow replacing a saved model already there
+            ) -> Path:
+    "`directory` as a Path, after refusing a file or a folder that already holds a saved model (unless `overwrite=True`)."
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir(): raise NotADirectoryError(f"{directory} is a file; save takes a folder, e.g. {directory.with_suffix('')}/.")
+    occupant = describe_model_dir(directory) if directory.is_dir() else None
+    if occupant and not overwrite:
+        raise FileExistsError(f"{directory} already holds {occupant}; pass overwrite=True to replace them, or save to a new folder.")
+    return directory
+
 @patch
 def save(self:BaseModel,
          directory:str|Path, # the model's folder; created if needed
@@ -215,11 +226,7 @@ def save(self:BaseModel,
         ) -> Path:
     "Save to `directory` (model.pt, config.json, history.csv); refuses an occupied folder unless `overwrite=True`."
     self.check_fitted()
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir(): raise NotADirectoryError(f"{directory} is a file; save takes a folder, e.g. {directory.with_suffix('')}/.")
-    occupant = describe_model_dir(directory) if directory.is_dir() else None
-    if occupant and not overwrite:
-        raise FileExistsError(f"{directory} already holds {occupant}; pass overwrite=True to replace them, or save to a new folder.")
+    directory = save_dir(directory, overwrite)
     config = _jsonable(asdict(self.config))
     extra = self._state()
     clash = {"kind", "config", "genes", "history"} & set(extra)

@@ -24,11 +24,11 @@ import torch
 from fastcore.basics import patch
 
 from . import __version__
-from .base import CONFIG_FILE, MODEL_FILE, describe_model_dir
+from .base import CONFIG_FILE, MODEL_FILE, _jsonable, read_model_dir, save_dir
 from .data import check_not_scaled, count_stats, ensembl_ids, entrez_genes, normalize_log1p, repeated_names
 from .datasets import resolve_cache_dir
 from .files import atomic_write, atomic_write_text
-from .train import CheckpointError, load_checkpoint, save_checkpoint
+from .train import CheckpointError, save_checkpoint
 from .docstrings import document_module
 
 # %% auto #0
@@ -647,18 +647,14 @@ def save(self:GenePrior,
          overwrite:bool=False, # replace a saved model or prior already in `directory`
         ) -> Path:
     "Save to `directory` (model.pt + config.json); refuses an occupied folder unless `overwrite=True`."
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir(): raise NotADirectoryError(f"{directory} is a file; save takes a folder, e.g. {directory.with_suffix('')}/.")
-    occupant = describe_model_dir(directory) if directory.is_dir() else None
-    if occupant and not overwrite:
-        raise FileExistsError(f"{directory} already holds {occupant}; pass overwrite=True to replace them, or save to a new folder.")
-    config = asdict(self.config)
+    directory = save_dir(directory, overwrite)
+    config = _jsonable(asdict(self.config))
     save_checkpoint(directory / MODEL_FILE, kind=self.kind, config=config, genes=list(self.genes), ensembl=[str(e) for e in self.ensembl],
                     matrix=torch.from_numpy(self.matrix), blocks={k: torch.from_numpy(v) for k, v in self.blocks.items()},
                     coverage={k: torch.from_numpy(v) for k, v in self.coverage.items()}, report=json.loads(json.dumps(self.report, default=str)))
     summary = {"kind": self.kind, "cellmtl_version": str(__version__), "n_genes": len(self.genes), "width": int(self.matrix.shape[1]),
                "coverage": self.coverage_table().round(4).to_dict(), "config": config}
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(summary, indent=1, default=str) + "\n")
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(_jsonable(summary), indent=1) + "\n")
     return directory
 
 @patch(cls_method=True)
@@ -666,9 +662,7 @@ def load(cls:GenePrior,
          directory:str|Path, # a folder written by `GenePrior.save`
         ) -> GenePrior:
     "Read a saved GenePrior folder."
-    path = Path(directory) / MODEL_FILE
-    if not path.exists(): raise CheckpointError(f"{directory} holds no {MODEL_FILE}; pass the folder given to prior.save(...).")
-    state = load_checkpoint(path)
+    state = read_model_dir(directory)  # the same errors as a model's load: missing folder, no model.pt, a training run
     if state.get("kind") != PRIOR_KIND:
         raise CheckpointError(f"{directory} holds a {state.get('kind', 'training checkpoint')!r}, not a GenePrior; models load with cellmtl.load(dir).")
     config = GenePriorConfig(**state["config"])

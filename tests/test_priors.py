@@ -283,7 +283,7 @@ def test_save_load_round_trip_and_refusal(prior, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"): prior.save(folder)
     prior.save(folder, overwrite=True)
     with pytest.raises(CheckpointError, match=r"cellmtl\.priors\.GenePrior\.load\(dir\)"): cellmtl.load(folder)
-    with pytest.raises(CheckpointError, match="holds no model.pt"): GenePrior.load(tmp_path)
+    with pytest.raises(CheckpointError, match="has no model.pt"): GenePrior.load(tmp_path)
 
 
 def test_shipped_table_covers_cellbench_genes(expression):
