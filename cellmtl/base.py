@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +21,7 @@ import torch
 from fastcore.basics import patch
 
 from . import __version__
+from .data import GeneAlignment, align_genes
 from .files import atomic_write_text
 from .train import CheckpointError, History, get_device, load_checkpoint, save_checkpoint
 from .docstrings import document_module
@@ -27,8 +29,8 @@ from .docstrings import document_module
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONFIG_FILE', 'HISTORY_FILE', 'MODEL_FILES', 'TRAINING_FILES', 'KINDS', 'describe_model_dir',
-           'check_anndata', 'user_stacklevel', 'BaseModel', 'label_predictions', 'save_dir', 'read_model_dir',
-           'model_class', 'loader_name', 'load']
+           'check_anndata', 'user_stacklevel', 'align_query', 'BaseModel', 'label_predictions', 'save_dir',
+           'read_model_dir', 'model_class', 'loader_name', 'load']
 
 # %% ../nbs/04_base.ipynb #45ceb5b7
 MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.pt", "config.json", "history.csv"
@@ -39,6 +41,7 @@ KINDS = {  # kind → the module that defines the class; cellmtl.load imports it
     "cellmtl.HierarchicalAnnotator": "cellmtl.mtl",
     "cellmtl.HRCAAnnotator": "cellmtl.hrca",
     "cellmtl.scgpt.TransformerAnnotator": "cellmtl.scgpt.annotator",
+    "cellmtl.GeneTokenAnnotator": "cellmtl.genetoken",
 }
 _CLASSES:dict[str, type] = {}  # kind → class, filled as model classes are defined
 
@@ -102,6 +105,19 @@ def user_stacklevel() -> int:
         frame, level = frame.f_back, level + 1
     return level
 
+
+# %% ../nbs/04_base.ipynb #a11e7a01
+def align_query(adata:ad.AnnData, # the cells a model is asked about
+                genes:list[str], # the model's training genes, in its input order
+                min_overlap:float=0.5, # refuse a query with fewer than this fraction of `genes` (0: any overlap)
+               ) -> tuple[ad.AnnData, GeneAlignment]:
+    "`adata` with `genes` as its columns (itself when they already are) and the gene report; one warning, at the user's line, for missing genes."
+    if [str(g) for g in adata.var_names] == list(genes):
+        n = len(genes)
+        return adata, GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
+    aligned, report = align_genes(adata, genes, min_overlap=min_overlap, warn_below=0)
+    if report.n_missing: warnings.warn(f"query genes differ from the training genes: {report.summary(5)}", stacklevel=user_stacklevel())
+    return aligned, report
 
 # %% ../nbs/04_base.ipynb #e5842e48
 class BaseModel:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .base import BaseModel, check_anndata, label_predictions, user_stacklevel
+from .base import BaseModel, align_query, check_anndata, label_predictions, user_stacklevel
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_counts, normalize_log1p
 from .nn import attention as dot_product_attention, mlp
 from .train import History, load_model_state, seed_everything
@@ -379,10 +379,7 @@ def _encoded(self:HRCAAnnotator,
     adata = check_anndata(adata, layer=layer)
     self.check_fitted()
     check_counts(adata.X, "adata.X")
-    report = None
-    if list(map(str, adata.var_names)) != self.genes_:
-        adata, report = align_genes(adata, self.genes_, min_overlap=min_overlap, warn_below=0)
-        if report.n_missing: warnings.warn(f"query genes differ from the training genes: {report.summary(5)}", stacklevel=user_stacklevel())
+    adata, report = align_query(adata, self.genes_, min_overlap)
     loader = CSRBatchLoader(adata, batch_size=batch_size, shuffle=False, transform="log1p", rank=0, world_size=1)
     self.model_.eval()
     device = next(self.model_.parameters()).device

@@ -27,7 +27,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from . import __version__
-from .base import BaseModel, check_anndata, user_stacklevel
+from .base import BaseModel, align_query, check_anndata, user_stacklevel
 from .data import CSRBatchLoader, GeneAlignment, LabelHierarchy, align_genes, check_binarizable, check_not_scaled, format_names, repeated_names, row_indices, stratified_split
 from .metrics import accuracy, hierarchy_consistency, macro_f1, roc_auc
 from .train import CheckpointError, fit, load_model_state, save_checkpoint, seed_everything
@@ -401,13 +401,7 @@ def _aligned(self:HierarchicalAnnotator, query:ad.AnnData,
     "The query with the training genes as columns (itself when they already match), its report in `alignment_`."
     self.check_fitted()
     query = _check_expression(query, "query", layer)
-    if list(map(str, query.var_names)) == self.genes_:
-        n = len(self.genes_)
-        self.alignment_ = GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
-        return query
-    aligned, self.alignment_ = align_genes(query, self.genes_, min_overlap=min_overlap, warn_below=0)
-    if self.alignment_.n_missing:
-        warnings.warn(f"query genes differ from the training genes: {self.alignment_.summary(5)}", stacklevel=user_stacklevel())
+    aligned, self.alignment_ = align_query(query, self.genes_, min_overlap)
     return aligned
 
 @patch

@@ -312,6 +312,7 @@ def go_term_table(path:str|Path|None=None, # a table in the shipped format; None
 def _lookup(keys:pd.Series, query:np.ndarray) -> np.ndarray:
     "(n,) row of each query key among `keys` (index = table row; keys seen twice are ambiguous and dropped), -1 if absent."
     keys = keys[(keys != "") & ~keys.duplicated(keep=False)]
+    if keys.empty: return np.full(len(query), -1)  # e.g. a prior built without Ensembl IDs
     found = pd.Index(keys.to_numpy()).get_indexer(pd.Index(query))
     return np.where(found >= 0, keys.index.to_numpy()[np.maximum(found, 0)], -1)
 

@@ -42,7 +42,14 @@ def _transformer(cells):
     return model.pretrain(cells, epochs=1, batch_size=32).fit(cells, epochs=1, batch_size=32)
 
 
-RECIPES = {"cellmtl.HierarchicalAnnotator": _phmap, "cellmtl.HRCAAnnotator": _hrca, "cellmtl.scgpt.TransformerAnnotator": _transformer}
+def _genetoken(cells):
+    from cellmtl.genetoken import GeneTokenAnnotator
+    model = GeneTokenAnnotator(label_key="cell_line", n_top_genes=None, d_model=16, n_heads=2, d_hid=32, n_layers=1)
+    return model.pretrain(cells, epochs=1, batch_size=32).fit(cells, epochs=1, batch_size=32)
+
+
+RECIPES = {"cellmtl.HierarchicalAnnotator": _phmap, "cellmtl.HRCAAnnotator": _hrca, "cellmtl.scgpt.TransformerAnnotator": _transformer,
+           "cellmtl.GeneTokenAnnotator": _genetoken}
 
 
 def test_every_model_kind_has_a_recipe_here():

@@ -17,7 +17,7 @@ import scanpy as sc
 import torch
 from fastcore.basics import patch
 
-from ..base import BaseModel, check_anndata, label_predictions, user_stacklevel
+from ..base import BaseModel, align_query, check_anndata, label_predictions, user_stacklevel
 from ..data import GeneAlignment, LabelHierarchy, align_genes, normalize_log1p, stratified_split
 from .model import ClsDecoder, TransformerConfig, TransformerModel, embed_cells
 from .objectives import OBJECTIVES, TransformerLoss
@@ -153,14 +153,8 @@ def _aligned(self:TransformerAnnotator, adata:ad.AnnData, min_overlap:float=0.5)
     "`adata` with the annotator's genes as columns (itself when they already are), the report in `alignment_`."
     adata = check_anndata(adata)
     if adata.n_obs == 0: raise ValueError("adata has no cells (n_obs == 0).")
-    if [str(g) for g in adata.var_names] == self.genes_:
-        n = len(self.genes_)
-        self.alignment_ = GeneAlignment(n_reference=n, n_query=n, n_found=n, n_missing=0, n_extra=0, overlap=1.0)
-        return adata.copy() if adata.is_view else adata
-    aligned, self.alignment_ = align_genes(adata, self.genes_, min_overlap=min_overlap, warn_below=0)
-    if self.alignment_.n_missing:
-        warnings.warn(f"the input's genes differ from the annotator's: {self.alignment_.summary(5)}", stacklevel=user_stacklevel())
-    return aligned
+    aligned, self.alignment_ = align_query(adata, self.genes_, min_overlap)
+    return aligned.copy() if aligned.is_view else aligned
 
 # %% ../../nbs/35_annotator.ipynb #76369c63
 @patch
