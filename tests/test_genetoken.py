@@ -225,3 +225,20 @@ def test_counts_are_normalised_over_every_gene_passed_not_only_the_models(cells)
     logged = ad.AnnData(normalize_log1p(wide.X), obs=wide.obs, var=wide.var)[:, list(cells.var_names)].copy()  # library size: all 148 genes
     np.testing.assert_allclose(model.predict_proba(wide).to_numpy(), model.predict_proba(logged).to_numpy(), atol=1e-5)
     assert model.input_ == "counts"
+
+
+def test_pretrain_and_frozen_backbone_fit_under_ddp_keep_every_rank_in_step(tmp_path):
+    "torchrun with 2 CPU processes (gloo): both stages through DDP, no unused-parameter error, the same weights on every rank."
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).with_name("ddp_genetoken_script.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = [torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]: torch.testing.assert_close(weights[0][key], weights[1][key], msg=key)
+    histories = [json.loads((tmp_path / f"history_rank{r}.json").read_text()) for r in (0, 1)]
+    assert histories[0] == histories[1] and histories[0]["finetune"] == "head"  # all-reduced losses: the same decisions
