@@ -242,3 +242,11 @@ def test_pretrain_and_frozen_backbone_fit_under_ddp_keep_every_rank_in_step(tmp_
     for key in weights[0]: torch.testing.assert_close(weights[0][key], weights[1][key], msg=key)
     histories = [json.loads((tmp_path / f"history_rank{r}.json").read_text()) for r in (0, 1)]
     assert histories[0] == histories[1] and histories[0]["finetune"] == "head"  # all-reduced losses: the same decisions
+
+
+def test_validation_cells_are_read_from_the_same_layer(cells):
+    in_layer = ad.AnnData(obs=cells.obs, var=cells.var, layers={"counts": cells.X.copy()})
+    train, held = in_layer[:90].copy(), in_layer[90:].copy()
+    model = GeneTokenAnnotator(**SMALL).pretrain(train, epochs=1, validation=held, layer="counts", **QUICK)
+    model.fit(train, epochs=1, validation=held, layer="counts", **QUICK)
+    assert "val_loss" in model.history_.df and "val_loss" in model.pretrain_history_.df
