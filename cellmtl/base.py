@@ -42,6 +42,7 @@ KINDS = {  # kind → the module that defines the class; cellmtl.load imports it
     "cellmtl.HRCAAnnotator": "cellmtl.hrca",
     "cellmtl.scgpt.TransformerAnnotator": "cellmtl.scgpt.annotator",
     "cellmtl.GeneTokenAnnotator": "cellmtl.genetoken",
+    "cellmtl.scgpt.PerturbationPredictor": "cellmtl.scgpt.generation",  # predicts conditions, not cells (no annotate / embed)
 }
 _CLASSES:dict[str, type] = {}  # kind → class, filled as model classes are defined
 

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -29,11 +30,13 @@ from .docstrings import document_module
 # %% auto #0
 __all__ = ['SOURCES', 'REGISTRY', 'DATA_DIR_ENV', 'CACHE_DIR_ENV', 'PBMC68K_LEVELS', 'CELLBENCH_PLATES', 'CITESEQ_BATCHES',
            'PBMC_REFERENCE_LEVELS', 'ZHENG_SORTED_FILES', 'KANG_FILE', 'SYMPHONY_FILES', 'SYMPHONY_TECHNOLOGIES',
-           'DatasetSource', 'RegistryFile', 'list_datasets', 'DatasetNotFoundError', 'DatasetChecksumError',
-           'resolve_data_dir', 'resolve_cache_dir', 'file_sha256', 'fetch', 'fetch_dataset', 'verify',
-           'gene_symbol_table', 'annotate_genes', 'pbmc68k_hierarchy_table', 'pbmc68k_hierarchy', 'cellbench',
-           'citeseq_pbmc', 'cell_ontology', 'ontology_ancestors', 'pbmc_reference_hierarchy_table', 'zheng_sorted_pbmc',
-           'kang_pbmc', 'symphony_pbmc', 'simulate_hierarchy']
+           'CONTROL_TARGET', 'CONTROL_CONDITION', 'PAPALEXI_FILE', 'SCHRAIVOGEL_FILES', 'DatasetSource', 'RegistryFile',
+           'list_datasets', 'DatasetNotFoundError', 'DatasetChecksumError', 'resolve_data_dir', 'resolve_cache_dir',
+           'file_sha256', 'fetch', 'fetch_dataset', 'verify', 'gene_symbol_table', 'annotate_genes',
+           'pbmc68k_hierarchy_table', 'pbmc68k_hierarchy', 'cellbench', 'citeseq_pbmc', 'cell_ontology',
+           'ontology_ancestors', 'pbmc_reference_hierarchy_table', 'zheng_sorted_pbmc', 'kang_pbmc', 'symphony_pbmc',
+           'condition_name', 'assign_guides', 'papalexi_crispr', 'schraivogel_grna_target', 'schraivogel_tapseq',
+           'simulate_hierarchy']
 
 # %% ../nbs/01_datasets.ipynb #6553f342
 _SHA256SUMS = """
@@ -77,6 +80,9 @@ f50caa312553a5cbeb4b9ddd3aa36a6a532c5ee3af70a476b67edfbb4790e609  80118  pbmc/zh
 c64deb8a26e3d7c131196fc4829c62130070fdeff8a0a0a0806930014086c1de  611984  pbmc/symphony/pbmcs_exprs_small.rda
 5d0151004629ec2e7d05694109565b79b268b163d74e9bf378fc1ca238cf4dc3  25755  pbmc/symphony/pbmcs_meta_small.rda
 ddfd93e9832e6b25f4a56c054c155e04ed84b78f9269ca6e9c2325bc87ce83b8  214326  ontology/cl.ontology
+e3f8ad09bb4b1d0deeeec2850a2d96f8f5062fef31a9ab1cc080e60560421b6a  1358267  perturb/papalexi/lowmoi_example_data.rda
+41468aa891cb97140660edf0d4d2cb6dd435fa42b5f92d954f31082c142ec807  3938948  perturb/schraivogel/gene_expression_counts.csv
+6452607435b54236dc974530fcb90f468782682cdeba4da677f560affb723003  2208192  perturb/schraivogel/gRNA_counts.h5ad
 """  # sha256, size in bytes, path relative to the data folder (same format as the mirror's SHA256SUMS)
 
 # %% ../nbs/01_datasets.ipynb #18b425a5
@@ -100,6 +106,8 @@ _SCMINER = "eee143caf4b6fc6ae49bac33ecdb39309fd4aa2c"
 _SCGEN = "dd7e178f9b42b9dfef9eb18d0da4b8e3caea4cf7"
 _SYMPHONY = "bf7aaf9a2919f660d028f7ec3a775f040238a829"
 _POPV = "d08455ab1233cb27015bbae5d043844f19eb2f00"
+_SCEPTREDATA = "ec722d5df90dfd34ace6cc9a5745ab6a5c2a6731"
+_CRISPAT = "a9372b9cf9b82b7409cc3be4d192056ae57a2673"
 
 SOURCES: dict[str, DatasetSource] = {s.name: s for s in [
     DatasetSource("cellbench", "cellbench",
@@ -144,6 +152,16 @@ SOURCES: dict[str, DatasetSource] = {s.name: s for s in [
         "YosefLab/popV", _POPV, "MIT (popV); derived from the Cell Ontology (CC BY 4.0)",
         "Cell Ontology is_a graph as term names (child<TAB>parent), 2,801 terms",
         "cell_ontology()"),
+    DatasetSource("papalexi_crispr", "perturb/papalexi",
+        f"https://raw.githubusercontent.com/Katsevich-Lab/sceptredata/{_SCEPTREDATA}/data/",
+        "Katsevich-Lab/sceptredata", _SCEPTREDATA, "MIT (sceptredata); data: Papalexi et al., Nat Genet 2021 (GEO GSE153056)",
+        "Papalexi et al. ECCITE-seq CRISPR knock-out screen in THP-1 (sceptre's example), 20,729 cells x 299 genes, 26 targets",
+        "papalexi_crispr()"),
+    DatasetSource("schraivogel_tapseq", "perturb/schraivogel",
+        f"https://raw.githubusercontent.com/velten-group/crispat/{_CRISPAT}/example_data/Schraivogel/",
+        "velten-group/crispat", _CRISPAT, "MIT (crispat); data: Schraivogel et al., Nat Methods 2020",
+        "Schraivogel et al. TAP-seq CRISPRi screen in K562, 21,977 cells x a 72-gene panel, 14 targets",
+        "schraivogel_tapseq()"),
 ]}
 
 # %% ../nbs/01_datasets.ipynb #62c949c6
@@ -638,10 +656,17 @@ def _rda_dgcmatrix(obj, attrs) -> tuple[sp.csc_matrix, pd.Index, pd.Index]:
     rows, columns = (pd.Index(np.asarray(d).astype(str)) for d in attrs["Dimnames"])
     return matrix, rows, columns
 
+def _rda_dgtmatrix(obj, attrs) -> tuple[sp.coo_matrix, pd.Index|None, pd.Index|None]:
+    "rdata constructor for an R dgTMatrix (triplets): (rows x columns COO float64, row names, column names; None where R has none)."
+    shape = tuple(int(n) for n in attrs["Dim"])
+    matrix = sp.coo_matrix((np.asarray(attrs["x"], np.float64), (np.asarray(attrs["i"]), np.asarray(attrs["j"]))), shape=shape)
+    rows, columns = (None if d is None else pd.Index(np.asarray(d).astype(str)) for d in attrs["Dimnames"])
+    return matrix, rows, columns  # i and j are 0-based in the file; a repeated (i, j) adds up, as in R
+
 def _read_rda(path:Path) -> dict:
-    "Read an .rda file with rdata, dgCMatrix objects as scipy CSC (other S4 classes stay namespaces)."
+    "Read an .rda file with rdata, dgCMatrix as scipy CSC and dgTMatrix as COO (other S4 classes stay namespaces)."
     import rdata
-    constructors = {**rdata.conversion.DEFAULT_CLASS_MAP, "dgCMatrix": _rda_dgcmatrix}
+    constructors = {**rdata.conversion.DEFAULT_CLASS_MAP, "dgCMatrix": _rda_dgcmatrix, "dgTMatrix": _rda_dgtmatrix}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Missing constructor for R class")  # Biobase classes: plain namespaces are fine
         return rdata.read_rda(path, constructor_dict=constructors)
@@ -764,6 +789,208 @@ def symphony_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CEL
                                         "cell_type: Symphony's vignette annotation; technology (source column `donor`) is the batch",
                                         "raw UMI counts (int32) recovered as expm1(x) * nUMI / 1e4 over the 1,767 kept genes"))
 
+
+# %% ../nbs/01_datasets.ipynb #8f84c12e
+CONTROL_TARGET = "non-targeting"  # the target name of a control gRNA (it cuts nowhere in the genome)
+CONTROL_CONDITION = "ctrl"  # GEARS' name for the unperturbed condition
+
+def condition_name(targets:str|Sequence[str], # one cell's targets: "STAT1", ["STAT1", "JAK2"], "non-targeting", []
+                  ) -> str:
+    "GEARS condition string of a cell's targets: 'ctrl' for controls, 'A+ctrl' for one target, 'A+B' for two."
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    bad = [t for t in targets if not isinstance(t, str) or not t or "+" in t]
+    if bad: raise ValueError(f"targets must be non-empty strings without '+' (GEARS joins targets with '+'); got {bad}.")
+    genes = list(dict.fromkeys(t for t in targets if t not in (CONTROL_TARGET, CONTROL_CONDITION)))
+    if not genes: return CONTROL_CONDITION
+    return f"{genes[0]}+{CONTROL_CONDITION}" if len(genes) == 1 else "+".join(genes)
+
+# %% ../nbs/01_datasets.ipynb #62d9560a
+def _check_assignment(min_fraction:float, min_umis:int) -> None:
+    "Raise ValueError naming the fix unless 0 < min_fraction <= 1 and min_umis is a whole number >= 1."
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float, np.number)) or not 0 < min_fraction <= 1:
+        raise ValueError(f"min_fraction must be in (0, 1]: the share of a cell's gRNA UMIs its top gRNA needs (e.g. 0.8); got {min_fraction!r}.")
+    if isinstance(min_umis, bool) or not isinstance(min_umis, (int, np.integer)) or min_umis < 1:
+        raise ValueError(f"min_umis must be a whole number >= 1: the UMIs the top gRNA needs (e.g. 5); got {min_umis!r}.")
+
+def assign_guides(grna_counts:sp.spmatrix|np.ndarray, # (cells, gRNAs) gRNA UMI counts, e.g. CSR
+                  grna_names:Sequence[str], # (gRNAs,) the columns' gRNA names, one per column
+                  min_fraction:float=0.8, # the top gRNA needs at least this share of the cell's gRNA UMIs, in (0, 1]
+                  min_umis:int=5, # ... and at least this many UMIs
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Each cell's dominant gRNA: (its column, or -1 if none or a tie (N,); the top gRNA's share of the cell's gRNA UMIs (N,); total gRNA UMIs (N,))."
+    _check_assignment(min_fraction, min_umis)
+    counts = sp.csr_matrix(grna_counts); counts.sum_duplicates(); counts.eliminate_zeros()  # (N, K), canonical
+    if counts.shape[1] != len(grna_names) or not pd.Index(grna_names).is_unique:
+        raise ValueError(f"grna_counts has {counts.shape[1]} columns and {len(grna_names)} grna_names; pass one distinct name per column.")
+    check_counts(counts, "grna_counts")
+    n = counts.shape[0]
+    total = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)  # (N,)
+    top = counts.max(axis=1).toarray().ravel().astype(np.int64)  # (N,)
+    rows = np.repeat(np.arange(n), np.diff(counts.indptr))  # (nnz,) the row of every stored entry
+    at_top = np.flatnonzero(counts.data == top[rows])  # stored entries equal to their row's maximum
+    n_top = np.bincount(rows[at_top], minlength=n)  # (N,) gRNAs sharing the top count
+    first = np.full(n, -1, np.int64)
+    cells, where = np.unique(rows[at_top], return_index=True)
+    first[cells] = counts.indices[at_top[where]]  # the top gRNA's column (the first one, if tied)
+    fraction = np.divide(top, total, out=np.full(n, np.nan), where=total > 0)  # NaN: no gRNA UMIs
+    assigned = (n_top == 1) & (top >= min_umis) & (fraction >= min_fraction)  # NaN >= x is False
+    return np.where(assigned, first, -1), fraction, total
+
+# %% ../nbs/01_datasets.ipynb #e4540037
+def _perturbation_uns(dataset:str, # the DatasetSource name
+                      files:str, # the upstream file(s) the cells come from
+                      counts:str, # what X is, in words
+                     ) -> dict:
+    "The screen loaders' uns['cellmtl_source']: where the data, the conditions and the counts come from."
+    source = SOURCES[dataset]
+    return {"cellmtl_source": {"dataset": dataset, "simulated": False, "source": f"{source.repository}@{source.commit}, {files}",
+                               "licence": source.licence, "X": counts,
+                               "labels": "condition (GEARS style): the target of the gRNA cellmtl.datasets.assign_guides gave the cell "
+                                         "(its top gRNA, if dominant); not an assignment published with the data"}}
+
+def _guide_obs(cells:pd.Index, # (N,) cell names
+               grna_targets:pd.Series, # (K,) each gRNA's target ("non-targeting" for controls), indexed by gRNA name
+               grna:np.ndarray, # (N,) assigned gRNA column or -1, from assign_guides
+               fraction:np.ndarray, # (N,) the top gRNA's share of the cell's gRNA UMIs
+               total:np.ndarray, # (N,) gRNA UMIs of the cell
+               replicate:pd.Categorical, # (N,) the batch
+               X:sp.csr_matrix, # (N, G) counts
+              ) -> pd.DataFrame:
+    "Per-cell obs of a screen: assigned gRNA, target, GEARS condition, replicate, gRNA UMIs and share, n_counts, n_genes."
+    names, targets = grna_targets.index.to_numpy(str), grna_targets.to_numpy(str)
+    screen = sorted(set(targets) - {CONTROL_TARGET})
+    conditions = {t: condition_name(t) for t in [CONTROL_TARGET, *screen]}  # "ctrl" first, then "<TARGET>+ctrl"
+    assigned = grna >= 0
+    obs = pd.DataFrame(index=cells)
+    obs["grna"] = pd.Categorical(np.where(assigned, names[np.maximum(grna, 0)], None), categories=names)
+    obs["target"] = pd.Categorical(np.where(assigned, targets[np.maximum(grna, 0)], None), categories=[*screen, CONTROL_TARGET])
+    obs["condition"] = pd.Categorical(obs["target"].astype(object).map(conditions).to_numpy(), categories=list(conditions.values()))
+    obs["replicate"] = replicate
+    obs["grna_umis"] = total.astype(np.int64)
+    obs["grna_fraction"] = fraction.astype(np.float64)
+    obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel().astype(np.int64)
+    obs["n_genes"] = np.diff(X.indptr).astype(np.int64)
+    return obs
+
+# %% ../nbs/01_datasets.ipynb #06a9a209
+def _perturbation_anndata(X:sp.csr_matrix, # (N, G) UMI counts, CSR int32
+                          genes:pd.Index, # (G,) gene symbols
+                          cells:pd.Index, # (N,) cell names
+                          grna_counts:sp.csr_matrix, # (N, K) gRNA UMI counts, CSR int32
+                          grna_targets:pd.Series, # (K,) each gRNA's target ("non-targeting" for controls), indexed by gRNA name
+                          replicate:pd.Categorical, # (N,) the batch
+                          uns:dict, # from _perturbation_uns
+                          min_fraction:float, # assign_guides' share threshold
+                          min_umis:int, # assign_guides' UMI threshold
+                          keep_unassigned:bool, # keep the unassigned cells (condition NaN)
+                         ) -> ad.AnnData:
+    "A screen as AnnData: counts, guide assignment and GEARS condition in obs, targets in var, the assignment summary in uns."
+    grna, fraction, total = assign_guides(grna_counts, grna_targets.index, min_fraction, min_umis)
+    obs = _guide_obs(cells, grna_targets, grna, fraction, total, replicate, X)
+    screen = [str(t) for t in obs["target"].cat.categories if t != CONTROL_TARGET]
+    assigned = grna >= 0
+    per_condition = obs.loc[assigned, "condition"].value_counts().reindex(obs["condition"].cat.categories)
+    uns = {**uns,
+           "guide_assignment": {"min_fraction": float(min_fraction), "min_umis": int(min_umis), "n_cells": int(len(cells)),
+                                "n_assigned": int(assigned.sum()), "n_unassigned": int((~assigned).sum()),
+                                "cells_per_condition": {str(c): int(n) for c, n in per_condition.items()},
+                                "rule": "top gRNA holds >= min_fraction of the cell's gRNA UMIs and >= min_umis UMIs; a tie for the top is unassigned"},
+           "control_condition": CONTROL_CONDITION, "targets": screen,
+           "targets_not_measured": [t for t in screen if t not in set(genes.astype(str))],
+           "grna_names": grna_targets.index.astype(str).tolist(), "grna_targets": grna_targets.astype(str).tolist()}
+    var = pd.DataFrame({"gene_symbol": genes.to_numpy(str), "is_target": genes.isin(screen)}, index=genes)
+    keep = slice(None) if keep_unassigned else np.flatnonzero(assigned)  # subset before AnnData: categories stay whole
+    return ad.AnnData(X=X[keep], obs=obs.iloc[keep], var=var, obsm={"grna_counts": grna_counts[keep]}, uns=uns)
+
+def _triplets_to_counts(matrix:sp.coo_matrix, # (features, cells) R triplets, as _rda_dgtmatrix returns them
+                        what:str, # the file and object, for the error message
+                       ) -> sp.csr_matrix:
+    "R's features x cells triplet matrix as cells x features CSR int32, after checking its values are whole counts."
+    X = sp.csr_matrix((matrix.data, (matrix.col, matrix.row)), shape=matrix.shape[::-1])  # (cells, features); repeats add up
+    X.eliminate_zeros()
+    X.data = _integral_counts(X.data, what, 0.0)  # stored as doubles, but UMI counts: exactly whole
+    X = sp.csr_matrix(X, dtype=np.int32); X.sort_indices()
+    return X
+
+# %% ../nbs/01_datasets.ipynb #fc60fed9
+PAPALEXI_FILE = "perturb/papalexi/lowmoi_example_data.rda"
+
+def papalexi_crispr(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                    min_fraction:float=0.8, # a cell gets its top gRNA if that holds at least this share of its gRNA UMIs ...
+                    min_umis:int=5, # ... and at least this many UMIs (see assign_guides)
+                    keep_unassigned:bool=False, # also return the cells without an assignment (condition NaN)
+                   ) -> ad.AnnData:
+    "Papalexi et al. 2021 CRISPR knock-out screen in THP-1 (sceptre's 20,729 cells x 299 genes): raw counts (CSR int32), assigned gRNA, GEARS condition."
+    _check_assignment(min_fraction, min_umis)
+    path = fetch(PAPALEXI_FILE, data_dir)
+    data = _read_rda(path)["lowmoi_example_data"]
+    response, genes, _ = data["response_matrix"]  # (genes, cells) triplets; the file has no cell names
+    grnas, grna_ids, _ = data["grna_matrix"]  # (gRNAs, cells)
+    table, replicate = data["grna_target_data_frame"], data["extra_covariates"]["bio_rep"]
+    if not response.shape[1] == grnas.shape[1] == len(replicate):
+        raise ValueError(f"{path}: response_matrix, grna_matrix and extra_covariates disagree on the number of cells; the file is not the registered version.")
+    targets = pd.Series(table["grna_target"].astype(str).to_numpy(), index=table["grna_id"].astype(str).to_numpy())
+    if grna_ids.difference(targets.index).size or not targets.index.is_unique:
+        raise ValueError(f"{path}: grna_target_data_frame does not list every gRNA of grna_matrix once; the file is not the registered version.")
+    X = _triplets_to_counts(response, f"{path}: response_matrix")  # (cells, genes)
+    grna_counts = _triplets_to_counts(grnas, f"{path}: grna_matrix")  # (cells, gRNAs)
+    cells = pd.Index([f"cell_{k:05d}" for k in range(X.shape[0])])  # position in the file
+    replicate = pd.Categorical(replicate.astype(str).to_numpy(), categories=sorted(set(replicate.astype(str))))
+    uns = _perturbation_uns("papalexi_crispr", "data/lowmoi_example_data.rda",
+                            "raw UMI counts (int32) of 299 genes, as stored (response_matrix)")
+    return _perturbation_anndata(X, genes, cells, grna_counts, targets.loc[grna_ids], replicate, uns,
+                                 min_fraction, min_umis, keep_unassigned)
+
+# %% ../nbs/01_datasets.ipynb #8a2a19ca
+SCHRAIVOGEL_FILES = ("perturb/schraivogel/gene_expression_counts.csv", "perturb/schraivogel/gRNA_counts.h5ad")
+_SCHRAIVOGEL_GRNA = re.compile(r"CROPseq_dCas9_DS_(?:(?P<control>non-targeting)_\d+|(?P<target>[^_]+?)(?:_[+-]_\d.*|-[A-D]))")
+
+def schraivogel_grna_target(name:str, # a gRNA name of the Schraivogel screen, e.g. "CROPseq_dCas9_DS_MYC-A"
+                           ) -> str:
+    "The target in a Schraivogel gRNA name ('non-targeting' for controls)."
+    match = _SCHRAIVOGEL_GRNA.fullmatch(name)
+    if match is None: raise ValueError(f"{name!r} is not a Schraivogel gRNA name (CROPseq_dCas9_DS_<TARGET>_<strand>_<pos>..., "
+                                       "CROPseq_dCas9_DS_<TARGET>-A..D or CROPseq_dCas9_DS_non-targeting_<NNNNN>).")
+    return CONTROL_TARGET if match["control"] else match["target"]
+
+def _check_same_cells(first:pd.Index, # cell names of one file
+                      second:pd.Index, # cell names of the other, expected identical and in the same order
+                      what:str, # the two files, for the message
+                     ) -> None:
+    "Raise ValueError, naming the first difference, unless two files list the same cells in the same order."
+    if first.equals(second): return
+    if len(first) != len(second): detail = f"{len(first):,} vs {len(second):,} cells"
+    else:
+        k = int(np.flatnonzero(first.to_numpy() != second.to_numpy())[0])
+        detail = f"row {k}: {first[k]!r} vs {second[k]!r}"
+    raise ValueError(f"{what} do not list the same cells in the same order ({detail}). The files must be the registered "
+                     "versions (same barcodes, same order): check them with `cellmtl datasets verify` and replace the one that differs.")
+
+# %% ../nbs/01_datasets.ipynb #8090bb98
+def schraivogel_tapseq(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                       min_fraction:float=0.8, # a cell gets its top gRNA if that holds at least this share of its gRNA UMIs ...
+                       min_umis:int=5, # ... and at least this many UMIs (see assign_guides)
+                       keep_unassigned:bool=False, # also return the cells without an assignment (condition NaN)
+                      ) -> ad.AnnData:
+    "Schraivogel et al. 2020 TAP-seq CRISPRi screen in K562 (21,977 cells x a 72-gene panel): raw counts (CSR int32), assigned gRNA, GEARS condition."
+    _check_assignment(min_fraction, min_umis)
+    counts_path, grna_path = (fetch(p, data_dir) for p in SCHRAIVOGEL_FILES)
+    table = pd.read_csv(counts_path, index_col=0)  # (cells, genes); the barcode column is named "gene"
+    grna = ad.read_h5ad(grna_path)  # (cells, gRNAs)
+    cells, genes = pd.Index(table.index.astype(str)), pd.Index(table.columns.astype(str))
+    _check_same_cells(cells, pd.Index(grna.obs_names.astype(str)), f"{counts_path.name} and {grna_path.name}")
+    X = _counts_to_csr(table.to_numpy().T, str(counts_path))  # (cells, genes) CSR int32; _counts_to_csr takes genes x cells
+    grna_counts = sp.csr_matrix(grna.X); check_counts(grna_counts, str(grna_path))
+    grna_counts = sp.csr_matrix(grna_counts, dtype=np.int32); grna_counts.sort_indices()  # (cells, gRNAs)
+    names = pd.Index(grna.var_names.astype(str))
+    targets = pd.Series([schraivogel_grna_target(n) for n in names], index=names)
+    lanes = cells.str.split("-").str[0]
+    if not lanes.isin(["TAP1", "TAP2"]).all():
+        raise ValueError(f"{counts_path}: barcodes must start with the lane 'TAP1-' or 'TAP2-'; found {sorted(set(lanes) - {'TAP1', 'TAP2'})[:3]}.")
+    replicate = pd.Categorical(lanes.to_numpy(), categories=["TAP1", "TAP2"])
+    uns = _perturbation_uns("schraivogel_tapseq", "example_data/Schraivogel/gene_expression_counts.csv + gRNA_counts.h5ad",
+                            "raw UMI counts (int32) of a 72-gene TAP-seq panel, as stored")
+    return _perturbation_anndata(X, genes, cells, grna_counts, targets, replicate, uns, min_fraction, min_umis, keep_unassigned)
 
 # %% ../nbs/01_datasets.ipynb #38da0cfb
 def _random_tree(n_classes:Sequence[int], rng:np.random.Generator) -> list[np.ndarray]:

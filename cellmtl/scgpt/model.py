@@ -32,7 +32,7 @@ __all__ = ['logger', 'NormScheme', 'MVCStyle', 'InputEmbStyle', 'CellEmbStyle', 
            'CategoryValueEncoder', 'BatchLabelEncoder', 'DomainSpecificBatchNorm1d', 'MultiheadSelfAttention',
            'TransformerEncoderLayer', 'TransformerEncoder', 'ExprDecoder', 'ClsDecoder', 'MVCDecoder',
            'AdversarialDiscriminator', 'contrastive_cell_loss', 'elastic_cell_similarity_loss', 'TransformerConfig',
-           'TransformerModel', 'save_pretrained', 'convert_scgpt_state_dict', 'config_from_state_dict',
+           'TransformerModel', 'pool_cells', 'save_pretrained', 'convert_scgpt_state_dict', 'config_from_state_dict',
            'load_scgpt_checkpoint', 'embed_cells']
 
 # %% ../../nbs/31_model.ipynb #6c5d6c08
@@ -499,15 +499,23 @@ def encode(self:TransformerModel, gene_ids:torch.Tensor, values:torch.Tensor, sr
         x = _masked_batch_norm(self.bn, x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if keep is None else keep)
     return self.transformer_encoder(x, src_key_padding_mask=src_key_padding_mask), gene_embs
 
+def pool_cells(output:torch.Tensor, # (B, L, d) transformer output
+               values:torch.Tensor, # (B, L) input values: the weights of "w-pool"
+               src_key_padding_mask:torch.Tensor|None, # (B, L) True at pad tokens (they never count)
+               style:CellEmbStyle, # "cls": position 0; "avg-pool": mean over real tokens; "w-pool": value-weighted sum, L2-normalised
+              ) -> torch.Tensor:
+    "Cell embeddings (B, d) from the transformer's output by `style` (shared by every scGPT model here)."
+    if style == "cls": return output[:, 0, :]
+    keep = torch.ones(output.shape[:2], dtype=output.dtype, device=output.device) if src_key_padding_mask is None \
+           else (~src_key_padding_mask).to(output.dtype)  # (B, L)
+    if style == "avg-pool": return (output * keep.unsqueeze(2)).sum(1) / keep.sum(1, keepdim=True)
+    weights = values.clamp(min=0).to(output.dtype) * keep  # (B, L): pads and masked values (−1) weigh 0
+    return F.normalize((output * weights.unsqueeze(2)).sum(1), p=2, dim=1)
+
 @patch
 def cell_embedding(self:TransformerModel, output:torch.Tensor, values:torch.Tensor, src_key_padding_mask:torch.Tensor|None) -> torch.Tensor:
     "The transformer's output (B, L, d) → cell embeddings (B, d) by `cell_emb_style`."
-    if self.cell_emb_style == "cls": return output[:, 0, :]
-    keep = torch.ones(output.shape[:2], dtype=output.dtype, device=output.device) if src_key_padding_mask is None \
-           else (~src_key_padding_mask).to(output.dtype)  # (B, L)
-    if self.cell_emb_style == "avg-pool": return (output * keep.unsqueeze(2)).sum(1) / keep.sum(1, keepdim=True)
-    weights = values.clamp(min=0).to(output.dtype) * keep  # (B, L): pads and masked values (−1) weigh 0
-    return F.normalize((output * weights.unsqueeze(2)).sum(1), p=2, dim=1)
+    return pool_cells(output, values, src_key_padding_mask, self.cell_emb_style)
 
 @patch
 def embed(self:TransformerModel, gene_ids:torch.Tensor, values:torch.Tensor, src_key_padding_mask:torch.Tensor|None=None,
