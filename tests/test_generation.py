@@ -49,7 +49,7 @@ def test_the_kind_is_registered_and_loads_through_cellmtl_load(predictor, screen
     assert type(again) is PerturbationPredictor and again.genes_ == predictor.genes_ and again.vocab_.itos == predictor.vocab_.itos
     pd.testing.assert_frame_equal(again.predict(screen, ["STAT1+ctrl", "IFNGR1+ctrl", "ctrl"]), predicted)
     with pytest.raises(FileExistsError, match="already holds"): predictor.save(folder)
-    assert "SPI1" in again.vocab_ and again.targets_ == ["IFNGR1", "IRF1", "JAK2", "STAT1"]
+    assert "SPI1" in again.vocab_ and again.targets_ == ["IFNGR1", "IRF1", "JAK2", "STAT1"] and again.input_ == "counts"
 
 
 def test_the_flag_changes_the_prediction_and_the_same_seed_gives_the_same_model(predictor, screen):
@@ -191,4 +191,13 @@ def test_low_gene_overlap_is_refused_then_reported(predictor, screen):
         warnings.simplefilter("always")
         predicted = predictor.predict(few, ["STAT1+ctrl"], min_overlap=0.3)
     assert [w.filename for w in caught if "differ from" in str(w.message)] == [__file__]
-    assert predicted.shape == (1, 299)
+    assert predicted.shape == (1, 299) and predicted.attrs["gene_alignment"].n_found == 100
+
+
+def test_the_no_target_score_sees_through_a_model_that_only_lowers_the_flagged_gene():
+    genes = ["STAT1", "a", "b", "c", "d"]
+    control = pd.Series([3.0, 1.0, 1.0, 1.0, 1.0], index=genes)
+    measured = pd.DataFrame([[0.5, 1.5, 0.5, 1.2, 0.9]], index=["STAT1+ctrl"], columns=genes)  # the target falls, the rest moves
+    only_target = pd.DataFrame([[0.5, 1.0, 1.0, 1.0, 1.0]], index=["STAT1+ctrl"], columns=genes)
+    scores = perturbation_metrics(only_target, measured, control, {"STAT1+ctrl": np.arange(5)}).loc["STAT1+ctrl"]
+    assert scores["pearson_delta"] > 0.8 and scores["pearson_delta_no_target"] == 0
