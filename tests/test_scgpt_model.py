@@ -1,9 +1,5 @@
 """cellmtl.scgpt.model: attention backends, every style, DSBN, gradient reversal, checkpoints, scGPT compatibility."""
-import importlib.util
 import json
-import os
-import sys
-import types
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,7 +11,7 @@ from cellmtl.nn import FLASH_ATTN_AVAILABLE, grad_reverse
 from cellmtl.scgpt.model import (TransformerConfig, TransformerModel, config_from_state_dict, convert_scgpt_state_dict, load_scgpt_checkpoint,
                                  save_pretrained)
 
-from conftest import ROOT
+from conftest import ROOT, load_scgpt_modules, scgpt_model_source
 
 VOCAB = {"<pad>": 0, "<cls>": 1, "<eoc>": 2, **{f"G{i}": i for i in range(3, 40)}}
 
@@ -215,22 +211,7 @@ def test_bad_inputs_give_clear_errors():
 # ---------------------------------------------------------------- scGPT's own TransformerModel
 def scgpt_reference():
     "scGPT 0.2.4's scgpt/model/{model,dsbn,grad_reverse}.py, loaded without its package __init__ (which needs torchtext etc.)."
-    env = os.environ.get("CELLMTL_SCGPT_REFERENCE")
-    root = Path(env) if env else ROOT / ".venv" / "reference" / "scgpt-0.2.4"
-    source = root / "scgpt" / "model"
-    if not (source / "model.py").exists():
-        if env: pytest.fail(f"{source / 'model.py'} is missing; `make reference` installs it")
-        pytest.skip("scGPT's source is not installed; run `make reference` (make test does)")
-    if "scgpt_reference.model" in sys.modules: return sys.modules["scgpt_reference.model"]
-    package = types.ModuleType("scgpt_reference"); package.__path__ = [str(source)]
-    sys.modules["scgpt_reference"] = package
-    for name in ("dsbn", "grad_reverse", "model"):
-        spec = importlib.util.spec_from_file_location(f"scgpt_reference.{name}", source / f"{name}.py")
-        module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "flash_attn is not installed"
-            spec.loader.exec_module(module)
-    return sys.modules["scgpt_reference.model"]
+    return load_scgpt_modules("scgpt_reference", scgpt_model_source("model.py"), ("dsbn", "grad_reverse", "model"))["model"]
 
 
 SCGPT_CONFIGS = {

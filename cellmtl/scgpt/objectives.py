@@ -76,8 +76,9 @@ class TransformerLoss:
         if "mvc" in wants and not hasattr(core, "mvc_decoder"): raise ValueError("the MVC objective needs a model built with do_mvc=True.")
         if "dab" in wants and not core.do_dab: raise ValueError("the DAB objective needs a model built with do_dab=True.")
         padding = batch["src_key_padding_mask"]
+        modalities = {"mod_types": batch.get("mod_types")} if getattr(core, "use_mod", False) else {}  # the multi-omic model's token modalities
         out = model(batch["gene_ids"], batch["values"], padding, batch_labels=batch.get("batch_labels") if core.needs_batch_labels else None,
-                    CLS="cls" in wants, CCE="cce" in wants, MVC="mvc" in wants, ECS="ecs" in wants)
+                    CLS="cls" in wants, CCE="cce" in wants, MVC="mvc" in wants, ECS="ecs" in wants, **modalities)
         masked = batch["values"].eq(self.mask_value) & ~padding  # (B, L) positions whose value the model must infer
         terms = {}
         for name in ("mlm", "mvc"):

@@ -169,7 +169,7 @@ def ids(self:GeneVocab,
 
 # %% ../../nbs/30_tokenize.ipynb #4f531d93
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_STREAMS = {"bins": 1, "truncate": 2, "mask": 3}
+_STREAMS = {"bins": 1, "truncate": 2, "mask": 3, "modality mask": 4}
 
 def _mix(x) -> np.ndarray:
     "splitmix64's finaliser on a copy of `x`: a bijection of uint64 that scrambles every bit."
@@ -182,7 +182,7 @@ def _mix(x) -> np.ndarray:
 
 def random_keys(
     seed:int, # the tokenizer's seed
-    purpose:Literal["bins", "truncate", "mask"], # independent draws for each use
+    purpose:Literal["bins", "truncate", "mask", "modality mask"], # independent draws for each use
     epoch:int, # masks and truncation pass the epoch; bins pass 0
     cells, # (B,) id of every cell of the batch (its row in the AnnData)
     rows:np.ndarray, # (n,) batch row of every token
@@ -302,7 +302,7 @@ class CellTokenizer:
     missing:Literal["error", "skip"]="error" # genes not in the vocabulary: raise, or leave them out of every cell (with a warning)
     max_len:int=1200 # tokens per cell including <cls>; a cell with more genes keeps a seeded random subset
     n_bins:int|None=51 # values become per-cell quantile bins 1..n_bins-1 (0 = not expressed); None: continuous values
-    include_zero_genes:bool=False # also make tokens for the genes a cell does not express (value 0)
+    include_zero_genes:bool|Sequence[str]=False # also make tokens for the genes a cell does not express (value 0); or only for these modalities
     mask_ratio:float=0.15 # share of each cell's gene tokens whose value is hidden; 0: no masking (e.g. to embed cells)
     mask_value:float=-1.0 # input value of a masked token
     pad_value:float=-2.0 # value of a pad token
@@ -311,6 +311,10 @@ class CellTokenizer:
     target_sum:float|None=1e4 # continuous values only: scale each cell to this total first (None: no scaling)
     log1p:bool=True # continuous values only: log1p after scaling
     seed:int=0 # drives tie-breaking in bins, truncation subsets and masks
+    modalities:Sequence[str]|None=None # modality of every input column (e.g. adata.var["modality"]); None: one modality, no `mod_types`
+    mod_vocab:GeneVocab|None=None # modality tokens; default: the specials, then the modalities in column order
+    mask_modality:str|None=None # a modality hidden entirely in a share of the cells (e.g. "Protein", to learn to impute it)
+    modality_mask_ratio:float=0.0 # share of cells (seeded per cell and epoch) whose `mask_modality` is hidden instead of random masks
     gene_ids:np.ndarray = field(init=False, repr=False) # (G,) vocabulary id of every column; -1: left out
 
     def __post_init__(self):
@@ -337,28 +341,68 @@ class CellTokenizer:
                              "so a cell would get the same token twice. Keep one column per gene, e.g. adata[:, ~adata.var_names.duplicated()], "
                              "or sum the repeated columns first.")
         self._kept_columns = np.flatnonzero(in_vocab)  # (G_kept,)
+        self._set_modalities(in_vocab)
 
     @property
     def n_genes(self) -> int:
         "Input columns G."
         return len(self.genes)
 
+# %% ../../nbs/30_tokenize.ipynb #6aa6e81a
+@patch
+def _set_modalities(self:CellTokenizer, in_vocab:np.ndarray):
+    "Check the modality options; map every token to its modality id (`_token_modality`) and pick the columns that get zero tokens."
+    zero_for = self.include_zero_genes
+    if self.modalities is None:
+        if self.mod_vocab is not None or self.mask_modality is not None or not isinstance(zero_for, (bool, np.bool_)):
+            raise ValueError("mod_vocab, mask_modality and include_zero_genes=<modalities> need modalities= (the modality of every column).")
+        self._token_modality, self._zero_columns = None, self._kept_columns if zero_for else self._kept_columns[:0]
+        return
+    modalities = pd.Index(self.modalities).astype(str)
+    if len(modalities) != self.n_genes:
+        raise ValueError(f"modalities has {len(modalities):,} entries but there are {self.n_genes:,} columns; pass one per column (adata.var['modality']).")
+    if self.mod_vocab is None: self.mod_vocab = GeneVocab(list(dict.fromkeys(modalities)))
+    elif not isinstance(self.mod_vocab, GeneVocab): self.mod_vocab = GeneVocab.from_dict(self.mod_vocab)
+    unknown = modalities[~modalities.isin(self.mod_vocab.itos)].unique()
+    if len(unknown): raise ValueError(f"modalities {list(unknown)} are not in mod_vocab ({self.mod_vocab.itos}); use the model's modality vocabulary.")
+    column_modality = np.array([self.mod_vocab[m] for m in modalities], np.int64)  # (G,)
+    self._token_modality = np.full(len(self.vocab), -1, np.int64)  # (V,) modality id of every gene token
+    self._token_modality[self.gene_ids[in_vocab]] = column_modality[in_vocab]
+    named = [] if isinstance(zero_for, (bool, np.bool_)) else [str(m) for m in zero_for]
+    for name in named + ([self.mask_modality] if self.mask_modality is not None else []):
+        if name not in set(modalities): raise ValueError(f"{name!r} is not one of the modalities {list(dict.fromkeys(modalities))}.")
+    zero = np.isin(modalities, named) if named else np.full(self.n_genes, bool(zero_for))
+    self._zero_columns = self._kept_columns[zero[self._kept_columns]]  # (G_zero,) columns whose zeros become tokens
+    if not 0 <= self.modality_mask_ratio <= 1: raise ValueError(f"modality_mask_ratio must be in [0, 1], got {self.modality_mask_ratio}.")
+    if self.modality_mask_ratio > 0 and self.mask_modality is None: raise ValueError("modality_mask_ratio > 0 needs mask_modality= (which modality to hide).")
+
+@patch
+def _value_groups(self:CellTokenizer, rows:np.ndarray, genes:np.ndarray, n_rows:int) -> tuple[np.ndarray, int]:
+    "(n,) the group each token is binned / scaled within: its cell, or (cell, modality) when there are modalities; and the number of groups."
+    if self._token_modality is None: return rows, n_rows
+    n_modalities = len(self.mod_vocab)
+    return rows * n_modalities + self._token_modality[genes], n_rows * n_modalities
 
 # %% ../../nbs/30_tokenize.ipynb #7cd08c43
 @patch
 def _tokens(self:CellTokenizer, indptr:np.ndarray, indices:np.ndarray, data:np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "(rows, columns, values) of every gene token of the batch, row by row, before truncation."
+    "(rows, columns, values) of every gene token of the batch, row by row in column order, before truncation."
     n_rows = len(indptr) - 1
     rows = np.repeat(np.arange(n_rows), np.diff(indptr))  # (nnz,)
     keep = (data > 0) & (self.gene_ids[indices] >= 0)  # expressed, in the vocabulary
     rows, columns, values = rows[keep], indices[keep], data[keep]
-    if not self.include_zero_genes: return rows, columns, values
+    zero_columns = self._zero_columns  # (G_zero,) columns that get a token in every cell
+    if not len(zero_columns): return rows, columns, values
     position = np.full(self.n_genes, -1, np.int64)
-    position[self._kept_columns] = np.arange(len(self._kept_columns))
-    dense = np.zeros((n_rows, len(self._kept_columns)), np.float32)  # (B, G_kept): one batch
-    dense[rows, position[columns]] = values
-    return np.repeat(np.arange(n_rows), len(self._kept_columns)), np.tile(self._kept_columns, n_rows), dense.ravel()
-
+    position[zero_columns] = np.arange(len(zero_columns))
+    in_block = position[columns] >= 0
+    dense = np.zeros((n_rows, len(zero_columns)), np.float32)  # (B, G_zero): one batch
+    dense[rows[in_block], position[columns[in_block]]] = values[in_block]
+    rows = np.concatenate([rows[~in_block], np.repeat(np.arange(n_rows), len(zero_columns))])
+    columns = np.concatenate([columns[~in_block], np.tile(zero_columns, n_rows)])
+    values = np.concatenate([values[~in_block], dense.ravel()])
+    order = np.lexsort((columns, rows))  # row by row, in column order
+    return rows[order], columns[order], values[order]
 
 # %% ../../nbs/30_tokenize.ipynb #28307afb
 @patch
@@ -377,23 +421,23 @@ def _truncate_and_transform(self:CellTokenizer, rows:np.ndarray, genes:np.ndarra
                             n_rows:int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Steps 2-3: bin edges (or scale) from every expressed gene, the seeded truncation, then bins or log1p → (rows, genes, values)."
     expressed = values > 0
-    if self.n_bins is not None:  # edges from all of a cell's expressed genes, before truncation
-        edges = quantile_edges(rows[expressed], values[expressed], n_rows, self.n_bins)  # (B, n_bins - 1)
+    groups, n_groups = self._value_groups(rows, genes, n_rows)  # (n,): a cell, or a (cell, modality) pair
+    if self.n_bins is not None:  # edges from all of a group's expressed genes, before truncation
+        edges = quantile_edges(groups[expressed], values[expressed], n_groups, self.n_bins)  # (groups, n_bins - 1)
     elif self.target_sum is not None:
-        totals = np.bincount(rows, weights=values, minlength=n_rows).astype(np.float32)  # (B,)
-        scale = np.divide(np.float32(self.target_sum), totals, out=np.zeros_like(totals), where=totals > 0)  # (B,)
+        totals = np.bincount(groups, weights=values, minlength=n_groups).astype(np.float32)  # (groups,)
+        scale = np.divide(np.float32(self.target_sum), totals, out=np.zeros_like(totals), where=totals > 0)  # (groups,)
     capacity = self.max_len - int(self.append_cls)  # gene tokens per cell
     if np.bincount(rows, minlength=n_rows).max(initial=0) > capacity:  # truncate: a seeded random subset; <cls> is always kept
         kept = smallest_per_row(rows, random_keys(self.seed, "truncate", epoch, cells, rows, genes), np.full(n_rows, capacity))
-        rows, genes, values, expressed = rows[kept], genes[kept], values[kept], expressed[kept]
+        rows, genes, values, expressed, groups = rows[kept], genes[kept], values[kept], expressed[kept], groups[kept]
     if self.n_bins is not None:
         uniforms = to_uniform(random_keys(self.seed, "bins", 0, cells, rows[expressed], genes[expressed]))
         binned = np.zeros(len(values), np.float32)
-        binned[expressed] = digitize(rows[expressed], values[expressed], edges, uniforms)
+        binned[expressed] = digitize(groups[expressed], values[expressed], edges, uniforms)
         return rows, genes, binned
-    if self.target_sum is not None: values = values * scale[rows]
+    if self.target_sum is not None: values = values * scale[groups]
     return rows, genes, np.log1p(values) if self.log1p else values
-
 
 # %% ../../nbs/30_tokenize.ipynb #a73ef393
 @patch
@@ -409,11 +453,31 @@ def _layout(self:CellTokenizer, rows:np.ndarray, genes:np.ndarray, values:np.nda
     if self.append_cls: gene_ids[:, 0], target[:, 0], padding[:, 0] = self.cls_id, 0.0, False
     inputs = target.copy()  # (B, L)
     inputs[rows[masked], position[masked]] = self.mask_value
-    return {"gene_ids": torch.from_numpy(gene_ids), "values": torch.from_numpy(inputs),
-            "target_values": torch.from_numpy(target), "src_key_padding_mask": torch.from_numpy(padding)}
-
+    batch = {"gene_ids": torch.from_numpy(gene_ids), "values": torch.from_numpy(inputs),
+             "target_values": torch.from_numpy(target), "src_key_padding_mask": torch.from_numpy(padding)}
+    if self._token_modality is not None:  # scGPT's mod_types: the modality id of every token, <pad> / <cls> for those
+        mod_types = np.full((n_rows, length), self.mod_vocab.pad_id, np.int64)  # (B, L)
+        mod_types[rows, position] = self._token_modality[genes]
+        if self.append_cls: mod_types[:, 0] = self.mod_vocab.cls_id
+        batch["mod_types"] = torch.from_numpy(mod_types)
+    return batch
 
 # %% ../../nbs/30_tokenize.ipynb #cbafeabe
+@patch
+def _masks(self:CellTokenizer, rows:np.ndarray, genes:np.ndarray, counts:np.ndarray, cells:np.ndarray, epoch:int) -> np.ndarray:
+    "Step 4: (n,) bool, the tokens whose value is hidden: a seeded int(n · mask_ratio) per cell, or a whole modality in a seeded share of cells."
+    masked = np.zeros(len(rows), bool)  # (n,)
+    if self.mask_ratio > 0:  # int(n · mask_ratio) gene tokens per cell; never <cls> or pads
+        n_mask = (counts * self.mask_ratio).astype(np.int64)  # (B,)
+        masked = smallest_per_row(rows, random_keys(self.seed, "mask", epoch, cells, rows, genes), n_mask)
+    if self.modality_mask_ratio > 0:  # these cells see none of `mask_modality`'s values, and every other value
+        n_rows = len(counts)
+        chosen = to_uniform(random_keys(self.seed, "modality mask", epoch, cells, np.arange(n_rows), np.zeros(n_rows, np.int64)))
+        chosen = chosen < self.modality_mask_ratio  # (B,)
+        of_modality = self._token_modality[genes] == self.mod_vocab[self.mask_modality]  # (n,)
+        masked = np.where(chosen[rows], of_modality, masked)
+    return masked
+
 @patch
 def __call__(self:CellTokenizer,
     X, # (B, G) batch: scipy sparse (CSR), torch sparse CSR or dense tensor, or numpy array
@@ -421,18 +485,14 @@ def __call__(self:CellTokenizer,
     epoch:int=0, # masks and truncation subsets depend on it; bins do not
     batch_labels=None, # (B,) int batch (sample) codes, returned as `batch_labels`
 ) -> dict:
-    "Tokenise a batch → gene_ids, values (masked), target_values (B, L) and src_key_padding_mask (B, L) (True at pads), [batch_labels] (B,)."
+    "Tokenise a batch → gene_ids, values (masked), target_values (B, L), src_key_padding_mask (B, L) (True at pads), [mod_types (B, L)], [batch_labels] (B,)."
     indptr, indices, data = _csr_arrays(X, self.n_genes)
     n_rows = len(indptr) - 1
     cells = self._check_batch(data, n_rows, cell_ids)  # (B,) cell ids for the random keys
     rows, columns, values = self._tokens(indptr, indices, data)  # (n,) each: every gene token, before truncation
     rows, genes, values = self._truncate_and_transform(rows, self.gene_ids[columns], values, cells, epoch, n_rows)
     counts = np.bincount(rows, minlength=n_rows)  # (B,) gene tokens per cell
-    masked = np.zeros(len(rows), bool)  # (n,)
-    if self.mask_ratio > 0:  # int(n · mask_ratio) gene tokens per cell; never <cls> or pads
-        n_mask = (counts * self.mask_ratio).astype(np.int64)  # (B,)
-        masked = smallest_per_row(rows, random_keys(self.seed, "mask", epoch, cells, rows, genes), n_mask)
-    batch = self._layout(rows, genes, values, masked, counts)
+    batch = self._layout(rows, genes, values, self._masks(rows, genes, counts, cells, epoch), counts)
     if batch_labels is not None:
         codes = _as_numpy(batch_labels)
         if codes.shape != (n_rows,) or not np.issubdtype(codes.dtype, np.integer):
@@ -440,16 +500,16 @@ def __call__(self:CellTokenizer,
         batch["batch_labels"] = torch.from_numpy(codes.astype(np.int64))
     return batch
 
-
 # %% ../../nbs/30_tokenize.ipynb #e6e4409c
 @patch
 def __repr__(self:CellTokenizer):
     n_skipped = int((self.gene_ids < 0).sum())
     values = f"n_bins={self.n_bins}" if self.n_bins is not None else f"continuous (target_sum={self.target_sum}, log1p={self.log1p})"
+    modalities = "" if self.modalities is None else (f", modalities={list(dict.fromkeys(map(str, self.modalities)))}"
+                                                     + (f", mask_modality={self.mask_modality!r} in {self.modality_mask_ratio:.0%} of cells" if self.mask_modality else ""))
     return (f"CellTokenizer({self.n_genes:,} genes{f' ({n_skipped:,} not in the vocabulary, left out)' if n_skipped else ''}, "
             f"vocab of {len(self.vocab):,}; max_len={self.max_len}, {values}, include_zero_genes={self.include_zero_genes}, "
-            f"mask_ratio={self.mask_ratio}, append_cls={self.append_cls}, pad_to={self.pad_to!r}, seed={self.seed})")
-
+            f"mask_ratio={self.mask_ratio}, append_cls={self.append_cls}, pad_to={self.pad_to!r}, seed={self.seed}{modalities})")
 
 # %% ../../nbs/30_tokenize.ipynb #b30f7e70
 def _cells_without_tokens(matrix, in_vocab:np.ndarray) -> int|None:
