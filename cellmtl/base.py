@@ -43,6 +43,7 @@ KINDS = {  # kind → the module that defines the class; cellmtl.load imports it
     "cellmtl.scgpt.TransformerAnnotator": "cellmtl.scgpt.annotator",
     "cellmtl.GeneTokenAnnotator": "cellmtl.genetoken",
     "cellmtl.scgpt.PerturbationPredictor": "cellmtl.scgpt.generation",  # predicts conditions, not cells (no annotate / embed)
+    "cellmtl.scgpt.MultiOmicTransformer": "cellmtl.scgpt.multiomic",  # imputes a modality and embeds cells (no annotate)
 }
 _CLASSES:dict[str, type] = {}  # kind → class, filled as model classes are defined
 

@@ -23,20 +23,21 @@ import pandas as pd
 import pooch
 import scipy.sparse as sp
 
-from .data import check_counts
+from .data import add_modality, check_counts, repeated_names
 from .docstrings import document_module
 
 
 # %% auto #0
 __all__ = ['SOURCES', 'REGISTRY', 'DATA_DIR_ENV', 'CACHE_DIR_ENV', 'PBMC68K_LEVELS', 'CELLBENCH_PLATES', 'CITESEQ_BATCHES',
            'PBMC_REFERENCE_LEVELS', 'ZHENG_SORTED_FILES', 'KANG_FILE', 'SYMPHONY_FILES', 'SYMPHONY_TECHNOLOGIES',
-           'CONTROL_TARGET', 'CONTROL_CONDITION', 'PAPALEXI_FILE', 'SCHRAIVOGEL_FILES', 'DatasetSource', 'RegistryFile',
-           'list_datasets', 'DatasetNotFoundError', 'DatasetChecksumError', 'resolve_data_dir', 'resolve_cache_dir',
-           'file_sha256', 'fetch', 'fetch_dataset', 'verify', 'gene_symbol_table', 'annotate_genes',
-           'pbmc68k_hierarchy_table', 'pbmc68k_hierarchy', 'cellbench', 'citeseq_pbmc', 'cell_ontology',
-           'ontology_ancestors', 'pbmc_reference_hierarchy_table', 'zheng_sorted_pbmc', 'kang_pbmc', 'symphony_pbmc',
-           'condition_name', 'assign_guides', 'papalexi_crispr', 'schraivogel_grna_target', 'schraivogel_tapseq',
-           'simulate_hierarchy']
+           'CONTROL_TARGET', 'CONTROL_CONDITION', 'PAPALEXI_FILE', 'SCHRAIVOGEL_FILES', 'HASHTAG_DOUBLET',
+           'HASHTAG_NEGATIVE', 'ECCITE_FILE', 'MULTIOME_FILE', 'DatasetSource', 'RegistryFile', 'list_datasets',
+           'DatasetNotFoundError', 'DatasetChecksumError', 'resolve_data_dir', 'resolve_cache_dir', 'file_sha256',
+           'fetch', 'fetch_dataset', 'verify', 'gene_symbol_table', 'annotate_genes', 'pbmc68k_hierarchy_table',
+           'pbmc68k_hierarchy', 'cellbench', 'citeseq_pbmc', 'cell_ontology', 'ontology_ancestors',
+           'pbmc_reference_hierarchy_table', 'zheng_sorted_pbmc', 'kang_pbmc', 'symphony_pbmc', 'condition_name',
+           'assign_guides', 'papalexi_crispr', 'schraivogel_grna_target', 'schraivogel_tapseq', 'demultiplex_hashtags',
+           'eccite_pbmc', 'multiome_pbmc', 'simulate_hierarchy']
 
 # %% ../nbs/01_datasets.ipynb #6553f342
 _SHA256SUMS = """
@@ -83,6 +84,8 @@ ddfd93e9832e6b25f4a56c054c155e04ed84b78f9269ca6e9c2325bc87ce83b8  214326  ontolo
 e3f8ad09bb4b1d0deeeec2850a2d96f8f5062fef31a9ab1cc080e60560421b6a  1358267  perturb/papalexi/lowmoi_example_data.rda
 41468aa891cb97140660edf0d4d2cb6dd435fa42b5f92d954f31082c142ec807  3938948  perturb/schraivogel/gene_expression_counts.csv
 6452607435b54236dc974530fcb90f468782682cdeba4da677f560affb723003  2208192  perturb/schraivogel/gRNA_counts.h5ad
+ff1063648dcef1220bfc0575dd107892e3d1af5017d441f2e5dcfb7dc7693ee6  735756  multiomic/citefuse/CITEseq_example.rda
+9f5c1943c1159e9fa494216993f00da26c138ba68d6afe37340774db739da93d  574104  multiomic/muon/test_rna_atac.h5mu
 """  # sha256, size in bytes, path relative to the data folder (same format as the mirror's SHA256SUMS)
 
 # %% ../nbs/01_datasets.ipynb #18b425a5
@@ -108,6 +111,8 @@ _SYMPHONY = "bf7aaf9a2919f660d028f7ec3a775f040238a829"
 _POPV = "d08455ab1233cb27015bbae5d043844f19eb2f00"
 _SCEPTREDATA = "ec722d5df90dfd34ace6cc9a5745ab6a5c2a6731"
 _CRISPAT = "a9372b9cf9b82b7409cc3be4d192056ae57a2673"
+_CITEFUSE = "b6075864d8930967946022fdfbbf57a6a120061f"
+_MUON = "03c762e5ebe44b5aa23392b1f31d27c41f2e0b44"
 
 SOURCES: dict[str, DatasetSource] = {s.name: s for s in [
     DatasetSource("cellbench", "cellbench",
@@ -162,6 +167,16 @@ SOURCES: dict[str, DatasetSource] = {s.name: s for s in [
         "velten-group/crispat", _CRISPAT, "MIT (crispat); data: Schraivogel et al., Nat Methods 2020",
         "Schraivogel et al. TAP-seq CRISPRi screen in K562, 21,977 cells x a 72-gene panel, 14 targets",
         "schraivogel_tapseq()"),
+    DatasetSource("eccite_pbmc", "multiomic/citefuse",
+        f"https://raw.githubusercontent.com/SydneyBioX/CiteFuse/{_CITEFUSE}/data/",
+        "SydneyBioX/CiteFuse", _CITEFUSE, "GPL-3 (CiteFuse DESCRIPTION); data: Mimitou et al., Nat Methods 2019 (GEO GSE126310)",
+        "Mimitou et al. ECCITE-seq PBMCs (CiteFuse's example), 500 cells: RNA (19,521 genes) + 49 antibodies + 4 hashtags",
+        "eccite_pbmc()"),
+    DatasetSource("multiome_pbmc", "multiomic/muon",
+        f"https://raw.githubusercontent.com/scverse/muon/{_MUON}/tests/data/atac/",
+        "scverse/muon", _MUON, "BSD-3-Clause (muon, Copyright (c) 2020 Danila Bredikhin); data from 10x Genomics",
+        "10x Multiome PBMCs, a tiny real subset (muon's test file), 1,000 cells: RNA (45 marker genes) + ATAC (174 peaks)",
+        "multiome_pbmc()"),
 ]}
 
 # %% ../nbs/01_datasets.ipynb #62c949c6
@@ -991,6 +1006,135 @@ def schraivogel_tapseq(data_dir:str|os.PathLike|None=None, # local mirror; None:
     uns = _perturbation_uns("schraivogel_tapseq", "example_data/Schraivogel/gene_expression_counts.csv + gRNA_counts.h5ad",
                             "raw UMI counts (int32) of a 72-gene TAP-seq panel, as stored")
     return _perturbation_anndata(X, genes, cells, grna_counts, targets, replicate, uns, min_fraction, min_umis, keep_unassigned)
+
+# %% ../nbs/01_datasets.ipynb #7905194b
+HASHTAG_DOUBLET, HASHTAG_NEGATIVE = "Doublet", "Negative"  # the calls of a cell with two or more hashtags, or none
+
+def demultiplex_hashtags(
+    hashtag_counts, # (cells, hashtags) hashtag UMI counts: numpy array or scipy sparse (a small panel)
+    hashtag_names:Sequence[str], # (hashtags,) one distinct name per column
+    threshold:float=1.0, # a hashtag is present in a cell when its CLR value is at least this
+) -> pd.DataFrame:
+    "Per cell: `hashtag` (its one present hashtag, 'Doublet' or 'Negative'), `hashtag_top` (largest CLR) and `hashtag_margin` (top minus second CLR)."
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not np.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a positive CLR value (e.g. 1.0: about 1.7x the hashtag's geometric mean count); got {threshold!r}.")
+    counts = np.asarray(hashtag_counts.toarray() if sp.issparse(hashtag_counts) else hashtag_counts, dtype=np.float64)  # (N, K)
+    names = pd.Index([str(n) for n in hashtag_names])
+    if counts.ndim != 2 or counts.shape[1] != len(names) or names.has_duplicates or names.isin([HASHTAG_DOUBLET, HASHTAG_NEGATIVE]).any():
+        raise ValueError(f"hashtag_counts has shape {counts.shape} and there are {len(names)} hashtag_names; pass one distinct name per "
+                         f"column (not {HASHTAG_DOUBLET!r} or {HASHTAG_NEGATIVE!r}).")
+    check_counts(counts, "hashtag_counts")
+    clr = np.log1p(counts / np.exp(np.log1p(counts).mean(axis=0)))  # (N, K) Seurat's CLR, per hashtag across cells
+    ordered = np.sort(clr, axis=1)[:, ::-1]  # (N, K) largest first
+    margin = ordered[:, 0] - (ordered[:, 1] if counts.shape[1] > 1 else 0.0)
+    n_present = (clr >= threshold).sum(axis=1)  # (N,)
+    top = clr.argmax(axis=1)  # (N,) the first one if tied
+    call = np.where(n_present == 1, names.to_numpy()[top], np.where(n_present == 0, HASHTAG_NEGATIVE, HASHTAG_DOUBLET))
+    return pd.DataFrame({"hashtag": pd.Categorical(call, categories=[*names, HASHTAG_DOUBLET, HASHTAG_NEGATIVE]),
+                         "hashtag_top": pd.Categorical.from_codes(top, categories=names), "hashtag_margin": margin})
+
+# %% ../nbs/01_datasets.ipynb #71ec840b
+ECCITE_FILE = "multiomic/citefuse/CITEseq_example.rda"
+
+def _strip_gene_prefix(names:pd.Index, # the file's gene names, e.g. "hg19_CD4"
+                       prefix:str, # the genome prefix to remove, e.g. "hg19_"
+                      ) -> pd.Index:
+    "Gene names without `prefix`; names that would then repeat keep their original names, so no two genes merge."
+    stripped = names.str.removeprefix(prefix)
+    out = pd.Index(np.where(stripped.duplicated(keep=False), names, stripped))
+    if out.has_duplicates: raise ValueError(f"gene names repeat after removing {prefix!r}: {repeated_names(out)[0]}; the file is not the registered version.")
+    return out
+
+def _rda_counts(matrix:sp.csc_matrix, what:str) -> sp.csr_matrix:
+    "An R features x cells dgCMatrix of counts as cells x features CSR int32, after check_counts."
+    X = _cells_by_genes(matrix).copy()  # (cells, features)
+    check_counts(X, what)
+    X = sp.csr_matrix(X, dtype=np.int32); X.eliminate_zeros(); X.sort_indices()
+    return X
+
+def _panel(matrix:sp.csc_matrix, features:pd.Index, cells:pd.Index, what:str) -> ad.AnnData:
+    "A small R features x cells count panel (antibodies, hashtags) as a cells x features AnnData with dense int32 counts."
+    return ad.AnnData(X=_rda_counts(matrix, what).toarray(), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=features))
+
+# %% ../nbs/01_datasets.ipynb #4dfb75da
+def eccite_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                hashtag_threshold:float=1.0, # a hashtag is present in a cell when its CLR value is at least this (see demultiplex_hashtags)
+               ) -> ad.AnnData:
+    "Mimitou et al. 2019 ECCITE-seq PBMCs (CiteFuse's 500 cells): RNA counts (CSR int32, 19,521 genes), 49 antibodies and 4 hashtags in obsm, a hashtag call."
+    path = fetch(ECCITE_FILE, data_dir)
+    data = _read_rda(path)["CITEseq_example"]
+    (rna, genes, cells), (adt, antibodies, adt_cells), (hto, hashtags, hto_cells) = (data[k] for k in ("RNA", "ADT", "HTO"))
+    X = _rda_counts(rna, f"{path}: RNA")  # (cells, genes)
+    symbols = _strip_gene_prefix(genes, "hg19_")
+    var = pd.DataFrame({"gene_symbol": symbols.to_numpy(), "gene_id_hg19": genes.to_numpy()}, index=symbols)  # gene_id_hg19: the file's row name
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=cells), var=var)
+    adata = add_modality(adata, _panel(adt, antibodies, adt_cells, f"{path}: ADT"), "Protein")  # the same 500 barcodes, or an error
+    adata = add_modality(adata, _panel(hto, hashtags, hto_cells, f"{path}: HTO"), "HTO")
+    proteins, hashtag_counts = adata.obsm["protein_expression"], adata.obsm["hashtag_counts"]  # (cells, 49), (cells, 4) int32
+    n_counts = np.asarray(adata.X.sum(axis=1)).ravel()
+    adata.obs["n_counts"] = n_counts.astype(np.int64)
+    adata.obs["n_genes"] = np.diff(adata.X.indptr).astype(np.int64)
+    adata.obs["pct_mito"] = 100.0 * np.asarray(adata.X[:, np.flatnonzero(symbols.str.startswith("MT-"))].sum(axis=1)).ravel() / np.maximum(n_counts, 1)
+    adata.obs["protein_n_counts"] = proteins.sum(axis=1).astype(np.int64)
+    adata.obs["hashtag_n_counts"] = hashtag_counts.sum(axis=1).astype(np.int64)
+    calls = demultiplex_hashtags(hashtag_counts, adata.uns["hashtag_names"], hashtag_threshold)
+    for column in calls: adata.obs[column] = calls[column].array  # categoricals stay categorical
+    source = SOURCES["eccite_pbmc"]
+    adata.uns["hashtag_demultiplexing"] = {
+        "threshold": float(hashtag_threshold), "cells_per_call": {str(k): int(v) for k, v in adata.obs["hashtag"].value_counts(sort=False).items()},
+        "rule": "CLR per hashtag across cells (Seurat's); a hashtag is present where CLR >= threshold; one present: that hashtag, "
+                "two or more: Doublet, none: Negative"}
+    adata.uns["cellmtl_source"] = {
+        "dataset": "eccite_pbmc", "simulated": False, "source": f"{source.repository}@{source.commit}, data/CITEseq_example.rda",
+        "licence": source.licence, "X": "raw RNA UMI counts (int32); gene names without the file's 'hg19_' prefix (the file's in var['gene_id_hg19'])",
+        "modalities": "Protein: obsm['protein_expression'] + uns['protein_names'] (49 antibodies, isotype controls IgG1 and IgG2a among them); "
+                      "HTO: obsm['hashtag_counts'] + uns['hashtag_names'] (4 hashtags); dense int32 counts",
+        "labels": "hashtag: cellmtl.datasets.demultiplex_hashtags (CLR >= threshold); not a call published with the data; no cell types"}
+    return adata
+
+# %% ../nbs/01_datasets.ipynb #923894c9
+MULTIOME_FILE = "multiomic/muon/test_rna_atac.h5mu"
+
+def _read_h5mu_modality(path:Path, # an .h5mu file
+                        modality:str, # its name under mod/, e.g. "rna"
+                       ) -> dict:
+    "One modality of an .h5mu file as {'X', 'obs', 'var', 'uns'}, read with anndata's read_elem (no mudata needed)."
+    import h5py
+    from anndata.io import read_elem
+    with h5py.File(path, "r") as f, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*written without encoding metadata")  # the old (2020) on-disk format
+        if modality not in f.get("mod", {}):
+            raise ValueError(f"{path} has no modality {modality!r} (mod/ holds {list(f.get('mod', {}))}); the file is not the registered version.")
+        group = f["mod"][modality]
+        return {key: read_elem(group[key]) if key in group else {} for key in ("X", "obs", "var", "uns")}
+
+def multiome_pbmc(data_dir:str|os.PathLike|None=None, # local mirror; None: $CELLMTL_DATA_DIR, else download
+                 ) -> ad.AnnData:
+    "A tiny real 10x Multiome PBMC subset (muon's test file): 1,000 cells, RNA counts of 45 marker genes (CSR int32), 174 ATAC peaks in obsm."
+    path = fetch(MULTIOME_FILE, data_dir)
+    rna, atac = _read_h5mu_modality(path, "rna"), _read_h5mu_modality(path, "atac")
+    check_counts(rna["X"], f"{path}: mod/rna/X"); check_counts(atac["X"], f"{path}: mod/atac/X")
+    X = sp.csr_matrix(rna["X"], dtype=np.int32); X.sort_indices()  # (1000, 45)
+    peaks = sp.csr_matrix(atac["X"], dtype=np.int32); peaks.sort_indices()  # (1000, 174)
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=rna["obs"].index.astype(str)), var=rna["var"].copy())
+    adata = add_modality(adata, ad.AnnData(X=peaks, obs=pd.DataFrame(index=atac["obs"].index.astype(str)),
+                                           var=pd.DataFrame(index=atac["var"].index.astype(str))), "ATAC")  # same barcodes, or an error
+    adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(np.int64)
+    adata.obs["n_genes"] = np.diff(adata.X.indptr).astype(np.int64)
+    adata.obs["atac_n_counts"] = np.asarray(adata.obsm["atac_counts"].sum(axis=1)).ravel().astype(np.int64)
+    adata.obs["atac_n_peaks"] = np.diff(adata.obsm["atac_counts"].indptr).astype(np.int64)
+    annotation = atac["uns"].get("atac", {}).get("peak_annotation")
+    if annotation is not None:  # peak -> nearby gene, distance, promoter/distal (a peak can be near two genes)
+        adata.uns["atac_peak_annotation"] = annotation.reset_index()[["gene", "peak", "distance", "peak_type"]].astype({"distance": np.int64})
+    source = SOURCES["multiome_pbmc"]
+    adata.uns["cellmtl_source"] = {
+        "dataset": "multiome_pbmc", "simulated": False, "source": f"{source.repository}@{source.commit}, tests/data/atac/test_rna_atac.h5mu",
+        "licence": source.licence, "X": "raw RNA UMI counts (int32) of 45 marker genes, GRCh38",
+        "modalities": "ATAC: obsm['atac_counts'] (CSR int32) + uns['atac_names'] (174 peaks, chrN:start-end)",
+        "subset": "a tiny real subset made for muon's tests: the first 1,000 cells passing QC of a 10x Multiome PBMC run, "
+                  "45 hand-picked marker genes and the 174 peaks within about 10 kb of them; not a transcriptome, not a genome-wide peak set",
+        "labels": "none"}
+    return adata
 
 # %% ../nbs/01_datasets.ipynb #38da0cfb
 def _random_tree(n_classes:Sequence[int], rng:np.random.Generator) -> list[np.ndarray]:

@@ -52,7 +52,8 @@ RECIPES = {"cellmtl.HierarchicalAnnotator": _phmap, "cellmtl.HRCAAnnotator": _hr
            "cellmtl.GeneTokenAnnotator": _genetoken}
 
 
-CONDITION_MODELS = {"cellmtl.scgpt.PerturbationPredictor": "tests/test_generation.py"}  # predict conditions, not cells: tested there
+CONDITION_MODELS = {"cellmtl.scgpt.PerturbationPredictor": "tests/test_generation.py",  # predict conditions, not cell labels: tested there
+                    "cellmtl.scgpt.MultiOmicTransformer": "tests/test_multiomic.py"}  # imputes a modality, no labels
 ANNOTATORS = sorted(set(KINDS) - set(CONDITION_MODELS))
 
 
