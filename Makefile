@@ -50,6 +50,8 @@ figures: venv
 
 # nbdev-test runs notebooks in parallel (one per core): one BLAS/torch thread each, no oversubscription.
 test test-all: export OMP_NUM_THREADS ?= 1
+# scanpy's numba kernels would otherwise reset torch's thread count to the core count after the first HVG selection.
+test test-all: export NUMBA_NUM_THREADS ?= 1
 test: venv reference sync-check nbtest pytest
 	@echo "== make test: all passed"
 

@@ -26,7 +26,7 @@ from ..docstrings import document_module
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'GeneVocab', 'random_keys', 'to_uniform', 'quantile_edges', 'digitize', 'smallest_per_row',
-           'CellTokenizer', 'TokenLoader']
+           'CellTokenizer', 'stable_cell_ids', 'TokenLoader']
 
 # %% ../../nbs/30_tokenize.ipynb #ff3db5bb
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -512,6 +512,12 @@ def __repr__(self:CellTokenizer):
             f"mask_ratio={self.mask_ratio}, append_cls={self.append_cls}, pad_to={self.pad_to!r}, seed={self.seed}{modalities})")
 
 # %% ../../nbs/30_tokenize.ipynb #b30f7e70
+def stable_cell_ids(names:Sequence[str], # cell names, e.g. adata.obs_names
+                   ) -> np.ndarray:
+    "(N,) int64 ids from the cells' names (pandas' fixed-key hash): a cell keeps its id, and so its tokens, wherever it sits in an AnnData."
+    hashed = pd.util.hash_pandas_object(pd.Index(pd.Index(names).astype(str)), index=False).to_numpy()  # (N,) uint64
+    return (hashed >> np.uint64(1)).astype(np.int64)
+
 def _cells_without_tokens(matrix, in_vocab:np.ndarray) -> int|None:
     "How many rows of an in-memory matrix have no positive value in an in-vocabulary column (None for other matrices)."
     if isinstance(matrix, np.ndarray): return int((~((matrix > 0) & in_vocab).any(1)).sum())
@@ -539,6 +545,7 @@ class TokenLoader:
         drop_last:bool=False, # drop the last incomplete batch
         rank:int|None=None, # this process's rank; default torch.distributed's
         world_size:int|None=None, # number of processes; default torch.distributed's
+        cell_ids=None, # (n_obs,) int ids of the AnnData's cells for the random keys (bins' ties, masks); default their rows. stable_cell_ids(adata.obs_names): the same tokens in any order
     ):
         if not isinstance(tokenizer, CellTokenizer): raise TypeError(f"tokenizer must be a CellTokenizer, got {type(tokenizer).__name__}.")
         if adata.n_obs == 0 or adata.n_vars == 0: raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes): nothing to tokenise.")
@@ -550,6 +557,9 @@ class TokenLoader:
                              f"{format_names(tokenizer.genes, 3)}); build the tokenizer for this data, CellTokenizer(vocab, adata.var_names, ...)"
                              + ("" if gene_key else ", or pass gene_key= when it was built from a var column such as gene symbols") + ".")
         self.tokenizer, self.resample_each_epoch = tokenizer, bool(resample_each_epoch)
+        self.cell_ids = None if cell_ids is None else np.asarray(cell_ids, np.int64)
+        if self.cell_ids is not None and self.cell_ids.shape != (adata.n_obs,):
+            raise ValueError(f"cell_ids has shape {self.cell_ids.shape}; pass one id per cell of adata ({adata.n_obs},), e.g. stable_cell_ids(adata.obs_names).")
         self.hierarchy = None
         if label_key is not None: self.hierarchy = hierarchy if hierarchy is not None else LabelHierarchy(adata, label_key)
         elif hierarchy is not None: raise ValueError("hierarchy= encodes label_key; pass label_key= too.")
@@ -624,7 +634,7 @@ def __iter__(self:TokenLoader) -> Iterator[dict]:
     epoch = self.epoch if self.resample_each_epoch else 0
     for rows in self.rows:
         index = rows["index"].numpy()  # (B,) the cells' rows in the AnnData: their ids for the random keys
-        batch = self.tokenizer(rows["x"], cell_ids=index, epoch=epoch,
+        batch = self.tokenizer(rows["x"], cell_ids=index if self.cell_ids is None else self.cell_ids[index], epoch=epoch,
                                batch_labels=None if self._batch_codes is None else self._batch_codes[index])
         if "labels" in rows: batch["labels"] = rows["labels"]
         batch["index"] = rows["index"]
