@@ -44,6 +44,7 @@ KINDS = {  # kind → the module that defines the class; cellmtl.load imports it
     "cellmtl.GeneTokenAnnotator": "cellmtl.genetoken",
     "cellmtl.scgpt.PerturbationPredictor": "cellmtl.scgpt.generation",  # predicts conditions, not cells (no annotate / embed)
     "cellmtl.scgpt.MultiOmicTransformer": "cellmtl.scgpt.multiomic",  # imputes a modality and embeds cells (no annotate)
+    "cellmtl.imaging.MultiTaskImageModel": "cellmtl.imaging",  # scores image frames of a TimeCourseDataset, not AnnData
 }
 _CLASSES:dict[str, type] = {}  # kind → class, filled as model classes are defined
 

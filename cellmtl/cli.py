@@ -35,6 +35,18 @@ def _readme(args) -> int:
     return 0
 
 
+def _imaging(args) -> int:
+    "`cellmtl imaging train|evaluate --config FILE`: an imaging experiment (cellmtl.imaging)."
+    from .imaging import evaluate_experiment, train_experiment
+    if args.action == "train":
+        run_dir = train_experiment(args.config, overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"cellmtl imaging train: run written to {run_dir} (results.json, model/, best.pt, train.log, tensorboard/)")
+        return 0
+    if args.model is None: raise ValueError("evaluate needs --model DIR (a saved model, e.g. outputs/<experiment>/<run>/model).")
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 20): print(evaluate_experiment(args.config, args.model).round(3).to_string())
+    return 0
+
 # %% ../nbs/91_cli.ipynb #c1d5a7e1
 _NARROW = ["name", "size", "local", "description"]  # `datasets list` without --wide
 
@@ -115,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellmtl", description="cellmtl: multi-task deep learning on single-cell data.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"cellmtl {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{figures,datasets}")  # `readme` is for developers
+    sub = p.add_subparsers(dest="command", required=True, metavar="{figures,datasets,imaging}")  # `readme` is for developers
     f = sub.add_parser("figures", help="regenerate the paper figures with papermill")
     f.add_argument("--profile", default="smoke", help="smoke (default: minutes on CPU), full (paper numbers), test (tiny), or a YAML path")
     f.add_argument("--only", nargs="+", metavar="NAME", help="run only these figure notebooks (stem or unique prefix)")
@@ -129,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=None, help="local copy to use instead of $CELLMTL_DATA_DIR")
     d.add_argument("--wide", "--long", action="store_true", help="list: every column; verify: every file, not only the bad ones")
     d.set_defaults(func=_datasets)
+    m = sub.add_parser("imaging", help="train or evaluate the image multi-task ResNet from a YAML config")
+    m.add_argument("action", choices=["train", "evaluate"])
+    m.add_argument("--config", required=True, help="the experiment's YAML file (see configs/multitask_example.yaml)")
+    m.add_argument("--model", default=None, help="evaluate: a saved model folder (a run's model/)")
+    m.add_argument("--overwrite", action="store_true", help="train: replace a run folder of the same run_id")
+    m.add_argument("--no-progress", action="store_true", help="train: no epoch progress bar")
+    m.set_defaults(func=_imaging)
     r = sub.add_parser("readme", description="Developer command: render README.md from nbs/index.ipynb (make export).")  # no help=: not listed
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_readme)
@@ -138,7 +157,7 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `cellmtl` console script."
     args = build_parser().parse_args(argv)
     try: return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) would print the message quoted
         print(f"cellmtl {args.command}: {msg}", file=sys.stderr); return 2
     except BrokenPipeError:  # `cellmtl datasets list | head`: the reader left; no traceback

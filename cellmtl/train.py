@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['logger', 'CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'seed_everything', 'get_device', 'to_device',
            'batch_size_of', 'WeightedMeans', 'autocast_context', 'train_one_epoch', 'evaluate', 'History',
-           'EarlyStopping', 'PlateauSchedule', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'load_model_state', 'rng_state', 'set_rng_state', 'open_tensorboard', 'log_scalars', 'resolve_amp',
-           'DistributedContext', 'setup_distributed', 'teardown_distributed', 'wrap_model', 'unwrap_model',
-           'gather_objects', 'TrainConfig', 'config_to_dict', 'make_optimizer', 'set_loader_epoch', 'fit']
+           'EarlyStopping', 'PlateauSchedule', 'CosineSchedule', 'CheckpointError', 'save_checkpoint',
+           'load_checkpoint', 'load_model_state', 'rng_state', 'set_rng_state', 'open_tensorboard', 'log_scalars',
+           'resolve_amp', 'DistributedContext', 'setup_distributed', 'teardown_distributed', 'wrap_model',
+           'unwrap_model', 'gather_objects', 'TrainConfig', 'config_to_dict', 'make_optimizer', 'set_loader_epoch',
+           'fit']
 
 # %% ../nbs/02_train.ipynb #30572c81
 import contextlib, functools, logging, math, os, random, re, sys, tempfile, time, warnings
@@ -349,6 +350,42 @@ class PlateauSchedule:
     def state_dict(self) -> dict: return {"warmup_epochs": self.warmup_epochs, "plateau": self.plateau.state_dict()}
     def load_state_dict(self, state:dict): self.plateau.load_state_dict(state["plateau"])
 
+# %% ../nbs/02_train.ipynb #0bc65a37
+class CosineSchedule:
+    "Linear warm-up over `warmup_epochs`, then cosine decay from the base LR to `min_lr` at the last of `epochs` epochs."
+    def __init__(self, optimizer:torch.optim.Optimizer, # the optimizer whose LR is scheduled
+                 epochs:int, # the run's length
+                 warmup_epochs:int=0, # epochs of linear warm-up (epoch e uses (e + 1) / (warmup_epochs + 1) of the base LR)
+                 min_lr:float=0.0, # the LR of the last epoch
+                ):
+        self.optimizer, self.epochs, self.warmup_epochs, self.min_lr = optimizer, epochs, warmup_epochs, min_lr
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.epoch = 0
+        self._apply(0)
+
+    def lr_factor(self, epoch:int) -> float:
+        "The share of the way from min_lr to the base LR that epoch `epoch` uses."
+        if epoch < self.warmup_epochs: return (epoch + 1) / (self.warmup_epochs + 1)
+        decay = max(self.epochs - 1 - self.warmup_epochs, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(epoch - self.warmup_epochs, decay) / decay))
+
+    def _apply(self, epoch:int):
+        factor = self.lr_factor(epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.min_lr + (base - self.min_lr) * factor if epoch >= self.warmup_epochs else base * factor
+
+    def step(self, epoch:int, # the epoch that just ended
+             value:float|None=None, # its monitored metric (not used)
+            ):
+        "Call once at the end of every epoch: sets the LR of epoch + 1."
+        self.epoch = epoch + 1
+        self._apply(self.epoch)
+
+    def state_dict(self) -> dict: return {"epoch": self.epoch, "base_lrs": list(self.base_lrs)}
+    def load_state_dict(self, state:dict):
+        self.base_lrs, self.epoch = list(state["base_lrs"]), int(state["epoch"])
+        self._apply(self.epoch)
+
 # %% ../nbs/02_train.ipynb #5baea997
 CHECKPOINT_FORMAT = "cellmtl-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -546,12 +583,13 @@ class TrainConfig:
     patience:int|None=None  # stop after this many epochs without improvement; None = no early stopping
     min_delta:float=0.0  # smallest change of `monitor` that counts as an improvement
     restore_best:bool=True  # load the best epoch's weights into the model at the end
-    lr_schedule:Literal[None, "plateau"]=None  # None = constant LR; "plateau" = ReduceLROnPlateau on `monitor`
+    lr_schedule:Literal[None, "plateau", "cosine"]=None  # None = constant LR; "plateau" = ReduceLROnPlateau on `monitor`; "cosine" = CosineSchedule over `epochs`
     lr_factor:float=0.1  # plateau: multiply the LR by this when `monitor` stalls
     lr_patience:int=10  # plateau: epochs without improvement before the LR is reduced
-    warmup_epochs:int=0  # plateau: constant-LR epochs before the plateau schedule starts (HRCA's `decay_epoch`)
-    min_lr:float=0.0  # plateau: lower bound on the LR
+    warmup_epochs:int=0  # plateau: constant-LR epochs before the plateau schedule starts (HRCA's `decay_epoch`); cosine: linear warm-up epochs
+    min_lr:float=0.0  # plateau: lower bound on the LR; cosine: the LR of the last epoch
     grad_clip:float|None=None  # clip the global gradient norm to this; None = no clipping
+    epoch_metrics:Callable|None=None  # (model, val_loader, device) -> {name: value}, run in eval mode without gradients after each epoch and logged as val_<name> (metrics that are not batch means, e.g. AUC)
     checkpoint_dir:str|Path|None=None  # directory for last.pt / best.pt; None = no checkpoints
     checkpoint_every:int|None=None  # also write last.pt every this many epochs (it is always written at the end)
     keep_epoch_checkpoints:bool=False  # also keep epoch_<n>.pt at every periodic checkpoint
@@ -570,7 +608,8 @@ class TrainConfig:
         if not self.lr > 0: bad("lr", "use a positive learning rate")
         if self.mode not in ("min", "max"): bad("mode", "use 'min' (losses) or 'max' (accuracies)")
         if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 0): bad("patience", "use None or an integer >= 0")
-        if self.lr_schedule not in (None, "plateau"): bad("lr_schedule", "use None (constant) or 'plateau'")
+        if self.lr_schedule not in (None, "plateau", "cosine"): bad("lr_schedule", "use None (constant), 'plateau' or 'cosine'")
+        if self.epoch_metrics is not None and not callable(self.epoch_metrics): bad("epoch_metrics", "use None or a function (model, val_loader, device) -> dict")
         if not 0 < self.lr_factor < 1: bad("lr_factor", "use a factor between 0 and 1")
         if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0): bad("warmup_epochs", "use an integer >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0: bad("grad_clip", "use None or a positive norm")
@@ -656,8 +695,9 @@ def _restore(state:dict, path:Path, model, optimizer, schedule, scaler, stopper,
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{source}: the optimizer state does not fit this optimizer ({e}); resume with the optimizer "
                               "and trainable parameters the checkpoint was written with") from None
-    if schedule is not None and state.get("scheduler") is not None: schedule.load_state_dict(state["scheduler"])
-    elif (schedule is None) != (state.get("scheduler") is None):
+    same_kind = state.get("config", {}).get("lr_schedule", config.lr_schedule) == config.lr_schedule
+    if schedule is not None and state.get("scheduler") is not None and same_kind: schedule.load_state_dict(state["scheduler"])
+    elif (schedule is None) != (state.get("scheduler") is None) or not same_kind:
         warnings.warn(f"{source} was written with lr_schedule={state.get('config', {}).get('lr_schedule')!r} but this run uses "
                       f"lr_schedule={config.lr_schedule!r}; the schedule starts fresh")
     if scaler is not None and state.get("scaler"): scaler.load_state_dict(state["scaler"])
@@ -724,7 +764,7 @@ class _Run:
     context:DistributedContext
     amp_dtype:torch.dtype|None
     optimizer:torch.optim.Optimizer
-    schedule:PlateauSchedule|None
+    schedule:PlateauSchedule|CosineSchedule|None
     scaler:Any  # torch.amp.GradScaler for fp16, else None
     stopper:EarlyStopping
     history:History
@@ -750,8 +790,10 @@ def _start_run(model:nn.Module, train_loader, config:TrainConfig, device:torch.d
                          "every rank would train on all the data. Leave its rank/world_size as None (CSRBatchLoader then reads them from torch.distributed), "
                          "build it after setup_distributed(get_device()), or pass rank= and world_size=")
     optimizer = make_optimizer(model, config)
-    schedule = None if config.lr_schedule is None else PlateauSchedule(
-        optimizer, config.mode, config.lr_factor, config.lr_patience, config.min_lr, config.warmup_epochs)
+    schedule = None
+    if config.lr_schedule == "plateau":
+        schedule = PlateauSchedule(optimizer, config.mode, config.lr_factor, config.lr_patience, config.min_lr, config.warmup_epochs)
+    elif config.lr_schedule == "cosine": schedule = CosineSchedule(optimizer, config.epochs, config.warmup_epochs, config.min_lr)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     run = _Run(model, network, device, context, amp_dtype, optimizer, schedule, scaler,
                EarlyStopping(config.monitor, config.mode, config.patience, config.min_delta), History(config.monitor, config.mode),
@@ -772,6 +814,16 @@ def _start_run(model:nn.Module, train_loader, config:TrainConfig, device:torch.d
     return run
 
 # %% ../nbs/02_train.ipynb #f1a08411
+def _epoch_metrics(model:nn.Module, metrics:Callable, loader, device:torch.device) -> dict[str, float]:
+    "`metrics(model, loader, device)` in eval mode without gradients, as val_<name> floats (the model's mode is restored)."
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(): values = metrics(model, loader, device)
+    finally: model.train(was_training)
+    if not isinstance(values, Mapping): raise TypeError(f"epoch_metrics returned {type(values).__name__}; it must return a dict {{name: number}}")
+    return {f"val_{name}": float(value) for name, value in values.items()}
+
 def _run_epoch(run:_Run, loss_fn:Callable, train_loader, val_loader, epoch:int, config:TrainConfig) -> bool:
     "Train and validate one epoch, then record it (history, stopper, schedule, TensorBoard, bar); True when `monitor` improved."
     started, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
@@ -782,6 +834,7 @@ def _run_epoch(run:_Run, loss_fn:Callable, train_loader, val_loader, epoch:int, 
     if val_loader is not None:
         set_loader_epoch(val_loader, epoch)
         row.update({f"val_{k}": v for k, v in evaluate(unwrap_model(run.network), loss_fn, val_loader, run.device, run.amp_dtype).items()})
+        if config.epoch_metrics is not None: row.update(_epoch_metrics(unwrap_model(run.network), config.epoch_metrics, val_loader, run.device))
     if not math.isfinite(row["train_loss"]):
         raise FloatingPointError(f"train_loss is {row['train_loss']} in epoch {epoch}: training diverged; lower lr, "
                                  "set grad_clip, or check the inputs for NaN/inf (the last checkpoint is intact)")

@@ -53,7 +53,8 @@ RECIPES = {"cellmtl.HierarchicalAnnotator": _phmap, "cellmtl.HRCAAnnotator": _hr
 
 
 CONDITION_MODELS = {"cellmtl.scgpt.PerturbationPredictor": "tests/test_generation.py",  # predict conditions, not cell labels: tested there
-                    "cellmtl.scgpt.MultiOmicTransformer": "tests/test_multiomic.py"}  # imputes a modality, no labels
+                    "cellmtl.scgpt.MultiOmicTransformer": "tests/test_multiomic.py",  # imputes a modality, no labels
+                    "cellmtl.imaging.MultiTaskImageModel": "tests/test_imaging.py"}  # scores image frames, not AnnData
 ANNOTATORS = sorted(set(KINDS) - set(CONDITION_MODELS))
 
 
