@@ -7,7 +7,8 @@ __all__ = ['MODALITY_KEYS', 'UnlabeledPolicy', 'Transform', 'binarize', 'normali
            'check_counts', 'looks_log_transformed', 'check_binarizable', 'format_names', 'repeated_names',
            'require_columns', 'row_indices', 'GeneAlignment', 'ensembl_ids', 'gene_alias_table', 'entrez_genes',
            'align_genes', 'modality_keys', 'modality_matrix', 'add_modality', 'stack_modalities', 'LabelHierarchy',
-           'stratified_split', 'csr_rows', 'csr_rows_to_dense', 'to_torch_csr', 'CSRBatchLoader', 'read_backed']
+           'stratified_split', 'csr_rows', 'csr_rows_to_dense', 'to_torch_csr', 'CSRBatchLoader', 'block_shuffle',
+           'read_csr_spans', 'log1p_csr_values', 'read_backed']
 
 # %% ../nbs/00_data.ipynb #79ccceff
 import functools
@@ -84,21 +85,25 @@ def _is_backed_sparse(X) -> bool:
     "True for anndata's on-disk sparse datasets (what `adata.X` is for `read_h5ad(..., backed='r')`)."
     return not sp.issparse(X) and getattr(X, "format", None) in ("csr", "csc") and hasattr(X, "shape")
 
+def _csr_value_blocks(data, indptr:np.ndarray, shape:tuple, block_values:int) -> Iterator[tuple[np.ndarray, int]]:
+    "CSR stored values (array or h5py dataset) in blocks of whole rows, so `entries` (implicit zeros included) is exact even for a partial scan."
+    start, n_rows = 0, shape[0]
+    while start < n_rows:
+        stop = int(np.searchsorted(indptr, indptr[start] + block_values, side="right")) - 1
+        stop = min(max(stop, start + 1), n_rows)
+        yield np.asarray(data[indptr[start]:indptr[stop]]), (stop - start) * shape[1]
+        start = stop
+
 def _value_blocks(X, block_values:int=1 << 22) -> Iterator[tuple[np.ndarray, int]]:
     "Yield (values, entries): `X`'s (stored) values in blocks of about `block_values`, and the matrix entries each block covers."
     if isinstance(X, ad.AnnData): X = X.X
     if X is None: raise ValueError("the AnnData has no X matrix; pass the matrix (or layer) to check.")
     if isinstance(X, torch.Tensor): X = X.detach().cpu().numpy()
+    if _is_backed_sparse(X) and X.format == "csr":  # h5py directly (anndata's slicing costs milliseconds a call)
+        yield from _csr_value_blocks(X.group["data"], X.group["indptr"][:], X.shape, block_values); return
     if sp.issparse(X):
         n_rows, n_columns = X.shape
-        if X.format == "csr":  # whole rows per block, so `entries` (implicit zeros included) is exact even for a partial scan
-            start = 0
-            while start < n_rows:
-                stop = int(np.searchsorted(X.indptr, X.indptr[start] + block_values, side="right")) - 1
-                stop = min(max(stop, start + 1), n_rows)
-                yield X.data[X.indptr[start]:X.indptr[stop]], (stop - start) * n_columns
-                start = stop
-            return
+        if X.format == "csr": yield from _csr_value_blocks(X.data, X.indptr, X.shape, block_values); return
         data = X.data  # other sparse formats: chunks of stored values, entries pro rata
         if data.size == 0: yield data, n_rows * n_columns
         for start in range(0, data.size, block_values):
@@ -979,22 +984,25 @@ class CSRBatchLoader:
         rank:int|None=None, # this process's rank; default torch.distributed's when initialised, else 0
         world_size:int|None=None, # number of processes; default torch.distributed's when initialised, else 1
         layer:str|None=None, # read adata.layers[layer] instead of adata.X (AnnData input only)
-        sparse:bool=False, # yield x as a torch sparse CSR tensor (B, G) instead of a dense one (transform None or "binarize")
+        sparse:bool=False, # yield x as a torch sparse CSR tensor (B, G) instead of a dense one (transform None, "binarize" or "log1p")
+        block_size:int|None=None, # shuffle blocks of this many consecutive cells, then cells within a buffer of blocks; None: every cell
+        buffer_blocks:int=256, # blocks per shuffle buffer (block_size set); backed sources read a buffer's rows at once
     ):
         self._matrix, self._kind = _row_source(X, layer)
         self._n_rows, self._n_genes = (int(size) for size in self._matrix.shape)
         if self._n_rows == 0 or self._n_genes == 0:
             raise ValueError(f"X is empty ({self._n_rows} cells x {self._n_genes} genes): nothing to load. "
                              "Check the filtering or subsetting that produced it.")
-        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1): raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        _check_positive_int(batch_size, "batch_size"); _check_positive_int(buffer_blocks, "buffer_blocks")
+        if block_size is not None: _check_positive_int(block_size, "block_size")
         if not (isinstance(seed, (int, np.integer)) and seed >= 0): raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
         if not (transform is None or callable(transform) or transform in ("binarize", "log1p")):
             raise ValueError(f"transform must be None, 'binarize', 'log1p' or a callable(tensor) -> tensor, got {transform!r}.")
-        if sparse and transform not in (None, "binarize"):
-            raise ValueError(f"sparse=True yields the stored values as they are (or binarised); transform={transform!r} works on dense "
-                             "batches only: use sparse=False, or apply it inside the model.")
+        if sparse and callable(transform):
+            raise ValueError("sparse=True yields the stored values (as they are, binarised or log1p-normalised); a callable transform "
+                             "works on dense batches only: use sparse=False, or apply it inside the model.")
         self.batch_size, self.shuffle, self.seed, self.transform, self.drop_last = int(batch_size), bool(shuffle), int(seed), transform, bool(drop_last)
-        self.sparse = bool(sparse)
+        self.sparse, self.block_size, self.buffer_blocks = bool(sparse), block_size and int(block_size), int(buffer_blocks)
         _distributed_defaults(rank, world_size)  # validate now; resolve when used (see the rank property)
         self._rank_arg, self._world_size_arg = rank, world_size
         self.labels = {name: self._check_labels(name, codes) for name, codes in (labels or {}).items()}
@@ -1010,6 +1018,10 @@ class CSRBatchLoader:
             raise ValueError(f"labels[{name!r}] has shape {codes.shape} but X has {self._n_rows:,} cells; pass one code per row of X "
                              "(select cells with indices=, not by subsetting the labels).")
         return codes.astype(np.int64, copy=False)
+
+def _check_positive_int(value, name:str):
+    "ValueError unless `value` is an int >= 1."
+    if not (isinstance(value, (int, np.integer)) and value >= 1): raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
 # %% ../nbs/00_data.ipynb #6e16b736
 @patch(as_prop=True)
@@ -1051,51 +1063,127 @@ def set_epoch(self:CSRBatchLoader,
     if not (isinstance(epoch, (int, np.integer)) and epoch >= 0): raise ValueError(f"epoch must be a non-negative int, got {epoch!r}.")
     self.epoch = int(epoch)
 
+def block_shuffle(rows:np.ndarray, # (n,) the row numbers to order
+                  rng:np.random.Generator, # the epoch's generator
+                  block_size:int, # consecutive rows (in sorted order) that stay together
+                  buffer_blocks:int, # blocks whose rows are mixed with each other
+                 ) -> np.ndarray:
+    "(n,) `rows` sorted, cut into blocks, the blocks in random order, then the rows inside every buffer of blocks in random order."
+    rows = np.sort(rows)
+    starts = rng.permutation(math.ceil(rows.size / block_size)) * block_size  # (n_blocks,) first position of each block, shuffled
+    order = np.concatenate([rows[start:start + block_size] for start in starts])
+    buffer = block_size * buffer_blocks
+    for start in range(0, order.size, buffer): order[start:start + buffer] = rng.permutation(order[start:start + buffer])
+    return order
+
 @patch
 def epoch_indices(self:CSRBatchLoader,
     epoch:int|None=None, # default: the current epoch (set_epoch)
 ) -> np.ndarray:
     "Rows of X this rank visits in `epoch`, in order (before splitting into batches)."
     epoch = self.epoch if epoch is None else epoch
-    order = self.indices[np.random.default_rng([self.seed, epoch]).permutation(self.n_cells)] if self.shuffle else self.indices
+    rng = np.random.default_rng([self.seed, epoch])
+    if not self.shuffle: order = self.indices
+    elif self.block_size is None: order = self.indices[rng.permutation(self.n_cells)]
+    else: order = block_shuffle(self.indices, rng, self.block_size, self.buffer_blocks)
     if self.world_size > 1:
         order = np.resize(order, self.cells_per_rank * self.world_size)  # pad by wrapping around to the start
         order = order[self.rank::self.world_size]  # interleaved shard
     return np.ascontiguousarray(order)
 
 # %% ../nbs/00_data.ipynb #aa2f63d5
+_MAX_GAP = 64  # rows: neighbours closer than this are read in one slice (reading the rows between costs less than another read)
+
+def _as_csr(block) -> sp.csr_matrix:
+    "A scipy CSR matrix with one index dtype (what the compiled row kernels need)."
+    block = sp.csr_matrix(block)
+    if block.indices.dtype != block.indptr.dtype: block = sp.csr_matrix((block.data, block.indices.astype(block.indptr.dtype), block.indptr), shape=block.shape)
+    return block
+
+def read_csr_spans(data, # (nnz,) the stored values: an h5py dataset (or array)
+                   indices, # (nnz,) their column numbers: an h5py dataset (or array)
+                   indptr:np.ndarray, # (n_rows + 1,) all row pointers, in memory
+                   spans:np.ndarray, # (n_spans, 2) [start, stop) row ranges, increasing and disjoint
+                   n_cols:int, # columns of the matrix
+                  ) -> sp.csr_matrix:
+    "The rows of `spans`, stacked, as one CSR matrix: one slice of `data` and one of `indices` per span, read in place."
+    lo, hi = indptr[spans[:, 0]], indptr[spans[:, 1]]  # (n_spans,) stored-value range of each span
+    offsets = np.concatenate([[0], np.cumsum(hi - lo)])  # (n_spans + 1,) where each span lands in the output
+    values, columns = np.empty(offsets[-1], data.dtype), np.empty(offsets[-1], indices.dtype)
+    for a, b, o in zip(lo, hi, offsets):
+        target = np.s_[o:o + b - a]
+        if b == a: continue
+        if hasattr(data, "read_direct"):  # h5py: straight into the output, no temporary copy
+            data.read_direct(values, np.s_[a:b], target); indices.read_direct(columns, np.s_[a:b], target)
+        else: values[target], columns[target] = data[a:b], indices[a:b]
+    row_ptr = np.concatenate([[0]] + [indptr[s + 1:e + 1] - indptr[s] + o for (s, e), o in zip(spans, offsets)])  # (rows + 1,)
+    return _as_csr(sp.csr_matrix((values, columns, row_ptr), shape=(row_ptr.size - 1, n_cols)))
+
 @patch
-def _read_rows(self:CSRBatchLoader, rows:np.ndarray) -> np.ndarray:
-    "(B, G) float32 array of `rows` (binarised when transform='binarize')."
+def _backed_csr(self:CSRBatchLoader) -> tuple:
+    "(data, indices, indptr) of the backed CSR matrix: its two h5py datasets and its row pointers, read once and kept."
+    if getattr(self, "_backed_parts", None) is None:
+        group = self._matrix.group
+        self._backed_parts = (group["data"], group["indices"], group["indptr"][:].astype(np.int64))
+    return self._backed_parts
+
+@patch
+def _read_disk(self:CSRBatchLoader, rows:np.ndarray) -> sp.csr_matrix|np.ndarray:
+    "Rows `rows` (sorted, unique) of the backed matrix, in memory: runs of nearby rows as slices, scattered rows by one indexed read."
+    breaks = np.flatnonzero(np.diff(rows) > _MAX_GAP) + 1  # where a new run starts
+    sparse_source = self._kind == "backed_sparse"
+    if breaks.size + 1 > max(1, rows.size // 8):  # scattered rows (uniform shuffling): one indexed read beats many slices
+        block = self._matrix[rows]
+        return _as_csr(block) if sparse_source else np.asarray(block)
+    spans = np.array([(run[0], run[-1] + 1) for run in np.split(rows, breaks)], dtype=np.int64)  # (n_runs, 2) one read each
+    if sparse_source: block = read_csr_spans(*self._backed_csr(), spans, self._n_genes)  # h5py directly: anndata's slicing costs ~4 ms a call
+    else: block = np.concatenate([np.asarray(self._matrix[a:b]) for a, b in spans])
+    held = np.concatenate([np.arange(a, b) for a, b in spans])  # rows of X in `block`, in order
+    return block if held.size == rows.size else block[np.searchsorted(held, rows)]
+
+@patch
+def _read_ahead(self:CSRBatchLoader) -> int:
+    "Cells of the epoch order read from disk at once: a shuffle buffer (block_size set) or one batch, in whole batches."
+    if not self.shuffle: return self.batch_size * max(1, 8192 // self.batch_size)  # in order: one slice covers several batches
+    if self.block_size is None: return self.batch_size
+    return math.ceil(self.block_size * self.buffer_blocks * self.world_size / self.batch_size) * self.batch_size
+
+def log1p_csr_values(indptr:np.ndarray, # (B + 1,) row pointers
+                     data:np.ndarray, # (nnz,) float32 counts, modified in place
+                     target_sum:float=1e4, # counts per cell before log1p
+                    ) -> np.ndarray:
+    "`normalize_log1p` on the stored values of CSR rows: each row scaled to `target_sum`, then log1p (rows of zeros stay empty)."
+    cumulative = np.concatenate([[0.0], np.cumsum(data, dtype=np.float64)])  # (nnz + 1,)
+    totals = cumulative[indptr[1:]] - cumulative[indptr[:-1]]  # (B,) library size of each row
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)  # (B,)
+    data *= np.repeat(scale, np.diff(indptr))
+    return np.log1p(data, out=data)
+
+# %% ../nbs/00_data.ipynb #8546d228
+@patch
+def _dense_rows(self:CSRBatchLoader, source, positions:np.ndarray) -> np.ndarray:
+    "(B, G) float32 array of rows `positions` of `source` (the in-memory matrix, or a block read from disk)."
     binarize_now = self.transform == "binarize"
-    if self._kind == "csr": return csr_rows_to_dense(self._matrix, rows, binarize=binarize_now)
-    if self._kind == "dense":
-        batch = self._matrix[rows]
-    else:  # backed: read sorted unique rows from disk, then restore the batch order
-        unique_rows, position = np.unique(rows, return_inverse=True)
-        block = self._matrix[unique_rows]
-        if self._kind == "backed_sparse": return csr_rows_to_dense(sp.csr_matrix(block), position, binarize=binarize_now)
-        batch = np.asarray(block)[position]
+    if sp.issparse(source): return csr_rows_to_dense(source, positions, binarize=binarize_now)
+    batch = np.asarray(source[positions])
     return (batch > 0).astype(np.float32) if binarize_now else batch.astype(np.float32, copy=False)
 
 @patch
-def _read_rows_sparse(self:CSRBatchLoader, rows:np.ndarray) -> torch.Tensor:
-    "(B, G) float32 torch sparse CSR tensor of `rows` (binarised when transform='binarize')."
-    binarize_now = self.transform == "binarize"
-    if self._kind == "csr": arrays = csr_rows(self._matrix, rows, binarize=binarize_now)
-    else:
-        unique_rows, position = np.unique(rows, return_inverse=True)
-        block = self._matrix[unique_rows]  # one read (backed) or a copy of B rows (dense)
-        arrays = csr_rows(sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block)), position, binarize=binarize_now)
-    return to_torch_csr(*arrays, self._n_genes)
+def _sparse_rows(self:CSRBatchLoader, source, positions:np.ndarray) -> torch.Tensor:
+    "(B, G) torch sparse CSR tensor of rows `positions` of `source` (binarised or log1p-normalised per the transform)."
+    if not sp.issparse(source): source, positions = _as_csr(np.asarray(source[positions])), np.arange(len(positions))
+    indptr, indices, data = csr_rows(source, positions, binarize=self.transform == "binarize")
+    if self.transform == "log1p": data = log1p_csr_values(indptr, data.copy())  # never modify the source's values
+    return to_torch_csr(indptr, indices, data, self._n_genes)
 
 @patch
-def _batch(self:CSRBatchLoader, rows:np.ndarray) -> dict:
+def _batch(self:CSRBatchLoader, source, positions:np.ndarray, rows:np.ndarray) -> dict:
     "One batch dict: x (B, G) float32 (dense, or sparse CSR when sparse=True), labels {name: (B,) int64}, index (B,) int64."
-    if self.sparse: x = self._read_rows_sparse(rows)
-    else: x = torch.from_numpy(self._read_rows(rows))  # (B, G), shares memory with the numpy batch
-    if self.transform == "log1p": x = normalize_log1p(x)
-    elif callable(self.transform):
+    if self.sparse: x = self._sparse_rows(source, positions)
+    else:
+        x = torch.from_numpy(self._dense_rows(source, positions))  # (B, G), shares memory with the numpy batch
+        if self.transform == "log1p": x = normalize_log1p(x)
+    if callable(self.transform):
         x = self.transform(x)
         if not isinstance(x, torch.Tensor): raise TypeError(f"transform must return a torch.Tensor, got {type(x).__name__}.")
     batch = {"x": x, "index": torch.from_numpy(rows.copy())}
@@ -1104,18 +1192,27 @@ def _batch(self:CSRBatchLoader, rows:np.ndarray) -> dict:
 
 @patch
 def __iter__(self:CSRBatchLoader) -> Iterator[dict]:
-    "The batches of the current epoch (see `set_epoch`), as dicts of tensors."
-    order = self.epoch_indices()
-    for start in range(0, len(self) * self.batch_size, self.batch_size):
-        yield self._batch(order[start:start + self.batch_size])
+    "The batches of the current epoch (see `set_epoch`), as dicts of tensors; backed sources are read one buffer at a time."
+    order = self.epoch_indices()[:len(self) * self.batch_size]  # (n,) drop_last cuts the tail
+    on_disk = self._kind.startswith("backed")
+    ahead = self._read_ahead() if on_disk else max(order.size, 1)
+    for chunk_start in range(0, order.size, ahead):
+        chunk = order[chunk_start:chunk_start + ahead]
+        if on_disk:  # read the chunk's rows once (sorted: HDF5 wants increasing indices), then batches index into them
+            chunk_rows = np.unique(chunk)
+            source, positions = self._read_disk(chunk_rows), np.searchsorted(chunk_rows, chunk)
+        else: source, positions = self._matrix, chunk
+        for start in range(0, chunk.size, self.batch_size):
+            yield self._batch(source, positions[start:start + self.batch_size], chunk[start:start + self.batch_size])
 
 @patch
 def __repr__(self:CSRBatchLoader):
     source = {"csr": f"CSR nnz={getattr(self._matrix, 'nnz', 0):,}", "dense": "dense", "backed_sparse": "backed CSR",
               "backed_dense": "backed dense"}[self._kind]
     transform = getattr(self.transform, "__name__", repr(self.transform)) if callable(self.transform) else repr(self.transform)
+    shuffle = "blocks of {} cells, buffers of {} blocks".format(self.block_size, self.buffer_blocks) if self.shuffle and self.block_size else self.shuffle
     return (f"CSRBatchLoader({self._n_rows:,} x {self._n_genes:,} {source}; {self.n_cells:,} cells, batch_size={self.batch_size}, "
-            f"{len(self)} batches/epoch on rank {self.rank}/{self.world_size}; shuffle={self.shuffle}, seed={self.seed}, "
+            f"{len(self)} batches/epoch on rank {self.rank}/{self.world_size}; shuffle={shuffle}, seed={self.seed}, "
             f"epoch={self.epoch}, transform={transform}, drop_last={self.drop_last}, sparse={self.sparse}, labels={list(self.labels)})")
 
 # %% ../nbs/00_data.ipynb #5a5e5f9f
