@@ -142,3 +142,73 @@ def test_a_matrix_without_zeros_is_refused(cells):
     shifted = ad.AnnData(cells.X[:60].toarray() + 1.0, obs=cells.obs.iloc[:60].copy(), var=cells.var.copy())
     with pytest.raises(ValueError, match="every gene would read as 'detected'"):
         HierarchicalAnnotator(label_keys=LEVELS).fit(shifted)
+
+
+# --- the input option, the sparse step, backed block shuffling ------------------------------------------------------
+
+def test_default_input_is_log1p_and_binary_stays_available(cells, annotator, tmp_path):
+    assert annotator.config.input == "log1p"
+    binary = HierarchicalAnnotator(label_keys=LEVELS, input="binary").fit(cells, epochs=3, patience=None, seed=0)
+    assert binary.config.input == "binary"
+    binary.save(tmp_path / "binary")
+    import cellmtl
+    again = cellmtl.load(tmp_path / "binary")
+    assert again.config.input == "binary"
+    pd.testing.assert_frame_equal(again.predict(cells), binary.predict(cells))
+    with pytest.raises(ValueError, match="input must be one of"):
+        HierarchicalAnnotator(label_keys=LEVELS, input="counts")
+
+
+def test_log1p_input_reads_log1p_of_counts_per_10k(cells):
+    "A log1p model predicts the same from counts and from the same cells already log-normalised (used as is)."
+    import scanpy as sc
+    model = HierarchicalAnnotator(label_keys=LEVELS, input="log1p").fit(cells, epochs=3, patience=None, seed=0)
+    normalised = cells.copy()
+    normalised.X = normalised.X.astype(np.float32)
+    sc.pp.normalize_total(normalised, target_sum=1e4)
+    sc.pp.log1p(normalised)
+    np.testing.assert_allclose(model.predict_proba(normalised)["anno_lv3"], model.predict_proba(cells)["anno_lv3"], atol=1e-5)
+    binary = HierarchicalAnnotator(label_keys=LEVELS, input="binary").fit(cells, epochs=3, patience=None, seed=0)
+    assert not np.allclose(binary.predict_proba(cells)["anno_lv3"], model.predict_proba(cells)["anno_lv3"], atol=1e-3)  # the input matters
+
+
+def test_log1p_input_refuses_scaled_values(cells):
+    scaled = cells.copy()
+    scaled.X = scaled.X.astype(np.float32) * 0.37  # neither counts nor log1p values
+    with pytest.raises(ValueError):
+        HierarchicalAnnotator(label_keys=LEVELS, input="log1p").fit(scaled, epochs=1, patience=None)
+
+
+@pytest.mark.parametrize("input", ["binary", "log1p"])
+def test_sparse_and_dense_batches_train_the_same_weights(cells, input):
+    "The sparse first layer (SparseLinear, the default path of fit) and the dense one give the same weights from the same seed."
+    import torch
+    from cellmtl.data import CSRBatchLoader
+    from cellmtl.mtl import PHMapLoss, adam
+    from cellmtl.train import fit
+    codes = {level: cells.obs[level].cat.codes.to_numpy().astype(np.int64) for level in LEVELS}
+    transform = {"binary": "binarize", "log1p": "log1p"}[input]
+    weights = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = PHMapNet(cells.n_vars, tuple(int(c.max()) + 1 for c in codes.values()), (32, 16))
+        loader = CSRBatchLoader(cells.X, labels=codes, batch_size=64, seed=0, transform=transform, sparse=sparse)
+        fit(model, PHMapLoss(LEVELS, (1.0, 1.0, 1.0)), loader, epochs=2, optimizer=adam, monitor="train_loss", seed=0, progress=False, device="cpu")
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-5, rtol=1e-4)
+
+
+def test_backed_fit_with_block_shuffling_equals_in_memory_with_the_same_blocks(cells, tmp_path):
+    from cellmtl.data import read_backed
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    backed = read_backed(tmp_path / "cells.h5ad")
+    on_disk = HierarchicalAnnotator(label_keys=LEVELS).fit(backed, epochs=2, patience=None, calibrate=False, seed=0)  # "auto": blocks of 16
+    in_memory = HierarchicalAnnotator(label_keys=LEVELS).fit(cells, epochs=2, patience=None, calibrate=False, seed=0, block_size=16)
+    np.testing.assert_allclose(on_disk.history_.df["val_loss"], in_memory.history_.df["val_loss"], rtol=1e-5)
+    pd.testing.assert_frame_equal(on_disk.predict(backed), in_memory.predict(cells))
+    uniform = HierarchicalAnnotator(label_keys=LEVELS).fit(cells, epochs=2, patience=None, calibrate=False, seed=0)
+    assert not np.allclose(uniform.history_.df["val_loss"], in_memory.history_.df["val_loss"])  # the order differs, so the run does
+    with pytest.raises(ValueError, match="buffer_blocks"):
+        HierarchicalAnnotator(label_keys=LEVELS).fit(cells, epochs=1, block_size=16, buffer_blocks=0)
+    backed.file.close()
