@@ -16,7 +16,7 @@ import textwrap
 import tokenize
 from dataclasses import MISSING, fields, is_dataclass
 
-from fastcore.basics import patch
+from fastcore.basics import _clsmethod, patch  # _clsmethod: what @patch(cls_method=True) attaches
 from fastcore.docments import docments
 
 # %% ../nbs/07_docstrings.ipynb #fb37ab65
@@ -43,6 +43,7 @@ def _function(obj):
     "The plain function behind a function, classmethod, staticmethod or property; anything else is returned as it is."
     if isinstance(obj, property): return obj.fget
     if isinstance(obj, (classmethod, staticmethod)): return obj.__func__
+    if isinstance(obj, _clsmethod): return obj.f  # fastcore's @patch(cls_method=True)
     return obj
 
 # %% ../nbs/07_docstrings.ipynb #4a4de380
@@ -160,7 +161,7 @@ def document(obj, # a function, method, classmethod, staticmethod, property or c
             ) -> bool: # True when `obj.__doc__` was changed
     "Append `parameter_docs(obj)` to `obj.__doc__` once, after the one-line summary."
     section = parameter_docs(obj, index)
-    doc = inspect.cleandoc(obj.__doc__ or '')
+    doc = inspect.cleandoc(obj.__doc__ or _function(obj).__doc__ or '')  # a fastcore cls_method keeps its docstring on the function
     if not section or _SECTION.search(doc): return False  # nothing to add, or added (by us or by hand) already
     new = f'{doc}\n\n{section}' if doc else section
     for target in {id(o): o for o in (obj, _function(obj))}.values():  # a property or classmethod and the function inside
@@ -175,7 +176,7 @@ def _own(obj, module:str) -> bool:
 
 def _members(cls, module:str) -> list:
     "`cls` and the public methods, classmethods, staticmethods and properties that `module` defined (or `@patch`ed) on it."
-    kinds = (property, classmethod, staticmethod)
+    kinds = (property, classmethod, staticmethod, _clsmethod)
     return [cls, *(m for n, m in vars(cls).items() if not n.startswith('_') and (isinstance(m, kinds) or inspect.isfunction(m)) and _own(m, module))]
 
 def document_module(namespace:dict, # a module's `vars(module)`, or a notebook's `globals()`

@@ -205,3 +205,13 @@ def test_help_shows_the_parameter_comments_and_the_package_says_what_it_is():
     text = pydoc.render_doc(HierarchicalAnnotator.fit, renderer=pydoc.plaintext)
     assert "Parameters" in text and "read the values from adata.layers[layer] instead of X" in text
     assert "HierarchicalAnnotator" in cellmtl.__doc__ and "cellmtl.load" in cellmtl.__doc__
+
+
+def test_class_methods_attached_by_patch_get_parameter_docs():
+    "fastcore's @patch(cls_method=True) (from_phmap, BaseModel.load): the summary stays first, the parameters follow."
+    import cellmtl.mtl
+    from cellmtl.base import BaseModel
+    for method in (cellmtl.mtl.HierarchicalAnnotator.from_phmap, BaseModel.load):
+        doc = inspect.getdoc(method)
+        assert not doc.startswith("Parameters") and "\nParameters\n----------\n" in doc, doc[:200]
+    assert "metadata_path : " in inspect.getdoc(cellmtl.mtl.HierarchicalAnnotator.from_phmap)
