@@ -3,7 +3,8 @@
 Data: `simulate_hierarchy` (SIMULATED negative-binomial counts, 1M cells x 2,000 genes, density 0.1, the PH-Map paper's
 (6, 19, 30, 55)-class tree), written once by the parent as a CSR .h5ad with its rows **sorted by fine type** (as many
 atlases are stored: by sample, by cluster), so a loader that read consecutive rows without shuffling them would
-train on one type at a time. Each contender runs in its own child process (its own peak RSS):
+train on one type at a time. The atlas is written, and each contender runs, in its own child process (its own peak RSS;
+Linux keeps a process's peak RSS across fork and exec, so the parent never holds the matrix):
 
 - memory: `anndata.read_h5ad` (the whole matrix in RAM) -> `HierarchicalAnnotator.fit(epochs=1)` with uniform per-cell
   shuffling (`block_size=None`, the in-memory default) -> `predict` on every cell;
@@ -81,9 +82,11 @@ def main():
     p.add_argument("--dir", default=None, help="folder for the temporary .h5ad (default: the system's temp folder; needs ~2.5 GB at 1M cells)")
     p.add_argument("--block-size", default="auto", help="fit's block_size for the backed run (default: fit's own, 'auto')")
     p.add_argument("--buffer-blocks", type=int, default=None, help="fit's buffer_blocks for the backed run (default: fit's own)")
-    p.add_argument("--child", choices=["memory", "backed", "backed_uniform"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["write", "memory", "backed", "backed_uniform"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child == "write":  # in a child: the parent stays small, so the contenders it starts do not inherit its peak RSS
+        print(json.dumps(_write_atlas(a.path, a.cells, a.genes, a.density, a.seed))); return
     if a.child:
         block_size = a.block_size if a.block_size == "auto" else int(a.block_size)
         print(json.dumps(_contender(a.child, a.path, a.seed, block_size, a.buffer_blocks))); return
@@ -91,7 +94,8 @@ def main():
     names = ["memory", "backed"] + (["backed_uniform"] if a.uniform else [])
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         path = os.path.join(tmp, "atlas.h5ad")
-        atlas = _write_atlas(path, a.cells, a.genes, a.density, a.seed)
+        atlas = run_child(__file__, "--child", "write", "--path", path, "--cells", a.cells, "--genes", a.genes, "--density", a.density,
+                          "--seed", a.seed)
         blocks = ["--block-size", a.block_size] + (["--buffer-blocks", a.buffer_blocks] if a.buffer_blocks else [])
         res = {name: run_child(__file__, "--child", name, "--path", path, "--seed", a.seed, *blocks) for name in names}
     memory, backed = res["memory"], res["backed"]

@@ -1,7 +1,7 @@
 """PH-Map training and inference speed: cellmtl vs a reference faithful to the published PH-Map code, in one run.
 
 Data: `simulate_hierarchy` (SIMULATED negative-binomial counts over the PH-Map paper's (6, 19, 30, 55)-class tree,
-density 0.1), simulated once by the parent and saved as a CSR .npz plus label codes. Each contender trains
+density 0.1), simulated once by a child process and saved as a CSR .npz plus label codes. Each contender trains
 the same `PHMapNet` (2,000 genes -> 200 -> 100 -> four heads, 431,410 parameters) with the same weighted loss,
 batch 128, shuffled, in its own child process, so its peak RSS (ru_maxrss) is its own.
 
@@ -48,6 +48,17 @@ def _forward_flops_per_cell(n_genes: int, hidden=(200, 100), n_classes=(6, 19, 3
 def _rounded(value, digits=None):
     "round(value, digits), or None when the value was not measured (--infer-cells 0)."
     return None if value is None else round(value, digits)
+
+
+def _write_data(matrix: str, labels: str, n_cells: int, n_genes: int, density: float, seed: int) -> dict:
+    "Simulate the training cells and save them as CSR .npz plus label codes; return the CSR size."
+    import numpy as np
+    import scipy.sparse as sp
+    from cellmtl.datasets import simulate_hierarchy
+    adata = simulate_hierarchy(n_cells, n_genes, n_classes=(6, 19, 30, 55), density=density, seed=seed)
+    sp.save_npz(matrix, adata.X, compressed=False)
+    np.savez(labels, **{level: adata.obs[level].cat.codes.to_numpy().astype(np.int64) for level in LEVELS})
+    return {"csr_mb": (adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes) / 2**20}
 
 
 def _contender(name: str, matrix: str, labels: str, batch_size: int, seed: int, epochs: int, infer_cells: int) -> dict:
@@ -138,24 +149,20 @@ def main():
     p.add_argument("--infer-cells", type=int, default=1_000_000, help="cells predicted by cellmtl for the throughput number (0 = skip)")
     p.add_argument("--repeats", type=int, default=2, help="children per contender, alternating; each timing is the best over repeats "
                    "(a shared or throttled machine only ever makes a run slower)")
-    p.add_argument("--child", choices=["reference", "cellmtl", "cellmtl_dense"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["write", "reference", "cellmtl", "cellmtl_dense"], help=argparse.SUPPRESS)
     p.add_argument("--matrix", help=argparse.SUPPRESS)
     p.add_argument("--labels", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child == "write":
+        print(json.dumps(_write_data(a.matrix, a.labels, a.cells, a.genes, a.density, a.seed))); return
     if a.child:
         print(json.dumps(_contender(a.child, a.matrix, a.labels, a.batch_size, a.seed, a.epochs, a.infer_cells))); return
     import tempfile
-    import numpy as np
-    import scipy.sparse as sp
-    from cellmtl.datasets import simulate_hierarchy
-    adata = simulate_hierarchy(a.cells, a.genes, n_classes=(6, 19, 30, 55), density=a.density, seed=a.seed)
-    codes = {level: adata.obs[level].cat.codes.to_numpy().astype(np.int64) for level in LEVELS}
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         matrix, labels = os.path.join(tmp, "counts.npz"), os.path.join(tmp, "labels.npz")
-        sp.save_npz(matrix, adata.X, compressed=False); np.savez(labels, **codes)
-        csr_mb = (adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes) / 2**20
-        del adata
+        csr_mb = run_child(__file__, "--child", "write", "--matrix", matrix, "--labels", labels, "--cells", a.cells, "--genes", a.genes,
+                           "--density", a.density, "--seed", a.seed)["csr_mb"]  # in a child: Linux keeps a peak RSS across fork and exec
         for repeat in range(a.repeats):
             for name in ("reference", "cellmtl", "cellmtl_dense"):
                 infer_cells = a.infer_cells if repeat == a.repeats - 1 else 0  # the 1M-cell prediction once

@@ -1153,8 +1153,8 @@ def log1p_csr_values(indptr:np.ndarray, # (B + 1,) row pointers
                      target_sum:float=1e4, # counts per cell before log1p
                     ) -> np.ndarray:
     "`normalize_log1p` on the stored values of CSR rows: each row scaled to `target_sum`, then log1p (rows of zeros stay empty)."
-    cumulative = np.concatenate([[0.0], np.cumsum(data, dtype=np.float64)])  # (nnz + 1,)
-    totals = cumulative[indptr[1:]] - cumulative[indptr[:-1]]  # (B,) library size of each row
+    totals, filled = np.zeros(len(indptr) - 1), np.diff(indptr) > 0  # (B,) library size of each row; rows with stored values
+    if filled.any(): totals[filled] = np.add.reduceat(data, indptr[:-1][filled], dtype=np.float64)  # strictly increasing starts
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)  # (B,)
     data *= np.repeat(scale, np.diff(indptr))
     return np.log1p(data, out=data)
